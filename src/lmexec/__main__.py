@@ -1,0 +1,3 @@
+from lmexec.cli import main
+
+raise SystemExit(main())

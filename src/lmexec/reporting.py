@@ -1,0 +1,58 @@
+"""Small output helpers shared by every CLI command: rich tables and ``--json`` files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Make floats JSON-safe (inf/nan become null) and convert tuples/paths recursively."""
+    if isinstance(value, float):
+        return None if math.isinf(value) or math.isnan(value) else value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    return value
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return path
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Format a table cell: floats with ``digits`` significant decimals, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if value != int(value) else f"{int(value)}"
+    return str(value)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Print a rich table whose cells are formatted with :func:`fmt`."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column not in (columns[0],) else "left")
+    for row in rows:
+        table.add_row(*(fmt(cell) for cell in row))
+    console.print(table)

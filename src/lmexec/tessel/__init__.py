@@ -1,0 +1,1 @@
+"""Tessel: schedule search for blocks placed on devices (Lin et al., HPCA 2024)."""
