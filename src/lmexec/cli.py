@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmexec.hata import cli as hata_cli
     from lmexec.tessel import cli as tessel_cli
 
-    parser = argparse.ArgumentParser(prog="lmexec", description="Run large DNN models fast: Tessel schedule search and HATA sparse attention.")
+    parser = argparse.ArgumentParser(
+        prog="lmexec",
+        description="Run large DNN models fast: Tessel schedule search and HATA sparse attention.",
+    )
     parser.add_argument("--version", action="version", version=f"lmexec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tessel_cli.register(commands)

@@ -1,0 +1,368 @@
+"""Placement: the blocks of one micro-batch, their dependency DAG, and the devices' memory.
+
+A placement is what Tessel schedules: N micro-batches each run every block once. It is immutable and
+validated on construction, so every later stage (schedules, baselines, search) can trust it.
+JSON schema (see docs/tessel.md)::
+
+    {"name": "vshape", "devices": 4,
+     "capacity": 4 | [4, 4, 4, 4] | null,        # per-device memory limit, null = unlimited
+     "static_memory": 0 | [0, 0, 0, 0],          # parameters/optimizer state, counted against capacity
+     "blocks": [{"name": "f0", "kind": "forward", "duration": 1, "memory": 1,
+                 "devices": [0], "after": []}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from lmexec.errors import UserError
+from lmexec.tessel.block import Block, BlockKind
+
+SCHEMA_KEYS = {"name", "devices", "capacity", "static_memory", "blocks"}
+BLOCK_KEYS = {"name", "kind", "duration", "memory", "devices", "after"}
+
+
+def _per_device(value: Any, num_devices: int, what: str, default: float) -> tuple[float, ...]:
+    """Expand a scalar or list into one float per device, with a clear error otherwise."""
+    if value is None:
+        return (default,) * num_devices
+    if isinstance(value, bool):
+        raise UserError(f"{what} must be a number or a list of {num_devices} numbers, got {value!r}")
+    if isinstance(value, int | float):
+        return (float(value),) * num_devices
+    if isinstance(value, list | tuple):
+        if len(value) != num_devices:
+            raise UserError(f"{what} lists {len(value)} values but the placement has {num_devices} devices")
+        out = []
+        for item in value:
+            if item is None:
+                out.append(default)
+            elif isinstance(item, int | float) and not isinstance(item, bool):
+                out.append(float(item))
+            else:
+                raise UserError(f"{what} must hold numbers, got {item!r}")
+        return tuple(out)
+    raise UserError(f"{what} must be a number or a list of {num_devices} numbers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Blocks of one micro-batch with dependencies, on ``num_devices`` devices with memory limits."""
+
+    name: str
+    num_devices: int
+    blocks: tuple[Block, ...]
+    capacity: tuple[float, ...] = field(default=())
+    static_memory: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_devices, int) or self.num_devices < 1:
+            raise UserError(f"placement {self.name!r}: device count must be a positive integer")
+        object.__setattr__(
+            self, "capacity", _per_device(self.capacity or None, self.num_devices, "capacity", math.inf)
+        )
+        object.__setattr__(
+            self,
+            "static_memory",
+            _per_device(self.static_memory or None, self.num_devices, "static_memory", 0.0),
+        )
+        self._validate()
+
+    # ---- structure -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        where = f"placement {self.name!r}"
+        if not self.blocks:
+            raise UserError(f"{where}: has no blocks")
+        seen: set[str] = set()
+        for block in self.blocks:
+            if not block.name:
+                raise UserError(f"{where}: a block has an empty name")
+            if block.name in seen:
+                raise UserError(f"{where}: block name {block.name!r} is used twice")
+            seen.add(block.name)
+            if not (isinstance(block.duration, int | float) and block.duration > 0):
+                raise UserError(f"{where}: block {block.name!r} has non-positive duration {block.duration!r}")
+            if not math.isfinite(block.duration) or not math.isfinite(block.memory):
+                raise UserError(f"{where}: block {block.name!r} has a non-finite duration or memory")
+            if not block.devices:
+                raise UserError(f"{where}: block {block.name!r} occupies no device")
+            if len(set(block.devices)) != len(block.devices):
+                raise UserError(f"{where}: block {block.name!r} lists a device twice")
+            for device in block.devices:
+                if not isinstance(device, int) or not 0 <= device < self.num_devices:
+                    raise UserError(
+                        f"{where}: block {block.name!r} uses unknown device {device!r} "
+                        f"(devices are 0..{self.num_devices - 1})"
+                    )
+        for block in self.blocks:
+            for dep in block.after:
+                if dep not in seen:
+                    raise UserError(f"{where}: block {block.name!r} depends on unknown block {dep!r}")
+                if dep == block.name:
+                    raise UserError(f"{where}: block {block.name!r} depends on itself")
+        self.topological_order  # raises on a cycle
+        for device, (cap, static) in enumerate(zip(self.capacity, self.static_memory, strict=True)):
+            need = self.min_peak_memory[device]
+            if need > cap + 1e-9:
+                raise UserError(
+                    f"{where}: one micro-batch alone needs memory {need:g} on device {device} "
+                    f"(static {static:g}) but its capacity is {cap:g}"
+                )
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {block.name: i for i, block in enumerate(self.blocks)}
+
+    def block(self, name: str) -> Block:
+        return self.blocks[self.index[name]]
+
+    @cached_property
+    def successors(self) -> dict[str, tuple[str, ...]]:
+        succ: dict[str, list[str]] = {b.name: [] for b in self.blocks}
+        for block in self.blocks:
+            for dep in block.after:
+                succ[dep].append(block.name)
+        return {name: tuple(names) for name, names in succ.items()}
+
+    @cached_property
+    def topological_order(self) -> tuple[str, ...]:
+        """Block names in a dependency-respecting order (stable: ties keep declaration order)."""
+        remaining = {b.name: len(set(b.after)) for b in self.blocks}
+        ready = [b.name for b in self.blocks if remaining[b.name] == 0]
+        order: list[str] = []
+        while ready:
+            name = ready.pop(0)
+            order.append(name)
+            for succ in dict.fromkeys(self.successors[name]):
+                remaining[succ] -= 1
+                if remaining[succ] == 0:
+                    ready.append(succ)
+            ready.sort(key=self.index.__getitem__)
+        if len(order) != len(self.blocks):
+            cyclic = sorted(set(remaining) - set(order), key=self.index.__getitem__)
+            raise UserError(
+                f"placement {self.name!r}: cycle in dependencies among blocks {', '.join(cyclic)}"
+            )
+        return tuple(order)
+
+    @cached_property
+    def ancestors(self) -> dict[str, frozenset[str]]:
+        out: dict[str, frozenset[str]] = {}
+        for name in self.topological_order:
+            acc: set[str] = set()
+            for dep in self.block(name).after:
+                acc.add(dep)
+                acc |= out[dep]
+            out[name] = frozenset(acc)
+        return out
+
+    def blocks_on(self, device: int) -> tuple[Block, ...]:
+        return tuple(b for b in self.blocks if device in b.devices)
+
+    # ---- bounds ----------------------------------------------------------------------------
+    @cached_property
+    def device_work(self) -> tuple[float, ...]:
+        """W_d: busy time of each device per micro-batch."""
+        return tuple(sum(b.duration for b in self.blocks_on(d)) for d in range(self.num_devices))
+
+    @property
+    def max_work(self) -> float:
+        """Lower bound of the steady-state period: the busiest device's work per micro-batch."""
+        return max(self.device_work)
+
+    @cached_property
+    def head(self) -> dict[str, float]:
+        """Longest dependency path ending where each block starts."""
+        out: dict[str, float] = {}
+        for name in self.topological_order:
+            out[name] = max((out[d] + self.block(d).duration for d in self.block(name).after), default=0.0)
+        return out
+
+    @cached_property
+    def tail(self) -> dict[str, float]:
+        """Longest dependency path from each block's end to the end of its micro-batch."""
+        out: dict[str, float] = {}
+        for name in reversed(self.topological_order):
+            out[name] = max((out[s] + self.block(s).duration for s in self.successors[name]), default=0.0)
+        return out
+
+    @property
+    def critical_path(self) -> float:
+        return max(self.head[b.name] + b.duration for b in self.blocks)
+
+    def makespan_lower_bound(self, num_micro_batches: int) -> float:
+        """Per device: min head + N * W_d + min tail; and the critical path of one micro-batch."""
+        bound = self.critical_path
+        for device in range(self.num_devices):
+            on = self.blocks_on(device)
+            if on:
+                heads = min(self.head[b.name] for b in on)
+                tails = min(self.tail[b.name] for b in on)
+                bound = max(bound, heads + num_micro_batches * self.device_work[device] + tails)
+        return bound
+
+    @cached_property
+    def min_peak_memory(self) -> tuple[float, ...]:
+        """A lower bound of each device's peak memory when one micro-batch runs alone.
+
+        When block b starts, all its ancestors on the device have started; the most any other block
+        could have released by then is the sum of the negative deltas of blocks that are neither
+        ancestors nor descendants of b.
+        """
+        peaks = []
+        for device in range(self.num_devices):
+            on = self.blocks_on(device)
+            peak = self.static_memory[device]
+            for block in on:
+                before = sum(o.memory for o in on if o.name in self.ancestors[block.name])
+                free = sum(
+                    o.memory
+                    for o in on
+                    if o.memory < 0
+                    and o is not block
+                    and o.name not in self.ancestors[block.name]
+                    and block.name not in self.ancestors[o.name]
+                )
+                peak = max(peak, self.static_memory[device] + before + block.memory + free)
+            peaks.append(peak)
+        return tuple(peaks)
+
+    # ---- variants ----------------------------------------------------------------------------
+    def with_memory(
+        self, capacity: float | Sequence[float] | None, static_memory: float | Sequence[float] | None = None
+    ) -> Placement:
+        """The same blocks with another memory limit (None: unlimited)."""
+        return Placement(
+            self.name,
+            self.num_devices,
+            self.blocks,
+            _per_device(capacity, self.num_devices, "capacity", math.inf),
+            self.static_memory
+            if static_memory is None
+            else _per_device(static_memory, self.num_devices, "static_memory", 0.0),
+        )
+
+    def forward_only(self) -> Placement:
+        """Inference variant: forward blocks only, no activation memory kept."""
+        forwards = [b for b in self.blocks if b.kind is BlockKind.FORWARD]
+        kept = {b.name for b in forwards}
+        blocks = tuple(replace(b, memory=0.0, after=tuple(d for d in b.after if d in kept)) for b in forwards)
+        return Placement(self.name, self.num_devices, blocks, self.capacity, self.static_memory)
+
+    @property
+    def is_inference(self) -> bool:
+        return all(b.kind is BlockKind.FORWARD for b in self.blocks)
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "devices": self.num_devices,
+            "capacity": [None if math.isinf(c) else c for c in self.capacity],
+            "static_memory": list(self.static_memory),
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Placement:
+        if not isinstance(data, dict):
+            raise UserError("placement JSON must be an object with keys 'devices' and 'blocks'")
+        unknown = set(data) - SCHEMA_KEYS
+        if unknown:
+            raise UserError(
+                f"placement JSON has unknown key(s) {sorted(unknown)}; allowed: {sorted(SCHEMA_KEYS)}"
+            )
+        for key in ("devices", "blocks"):
+            if key not in data:
+                raise UserError(f"placement JSON is missing the key {key!r}")
+        devices = data["devices"]
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+            raise UserError(f"placement JSON: 'devices' must be a positive integer, got {devices!r}")
+        if not isinstance(data["blocks"], list):
+            raise UserError("placement JSON: 'blocks' must be a list of block objects")
+        blocks = tuple(_block_from_dict(item, i) for i, item in enumerate(data["blocks"]))
+        return cls(
+            str(data.get("name", "custom")),
+            devices,
+            blocks,
+            _per_device(data.get("capacity"), devices, "capacity", math.inf),
+            _per_device(data.get("static_memory"), devices, "static_memory", 0.0),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Placement:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise UserError(f"cannot read placement file {path}: {error.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+
+
+def _block_from_dict(item: Any, position: int) -> Block:
+    where = f"block #{position}"
+    if not isinstance(item, dict):
+        raise UserError(f"{where} must be an object, got {type(item).__name__}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where} needs a non-empty string 'name'")
+    where = f"block {name!r}"
+    unknown = set(item) - BLOCK_KEYS
+    if unknown:
+        raise UserError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(BLOCK_KEYS)}")
+    kind_text = item.get("kind", "forward")
+    try:
+        kind = BlockKind(kind_text)
+    except ValueError:
+        kinds = ", ".join(k.value for k in BlockKind)
+        raise UserError(f"{where} has unknown kind {kind_text!r}; use one of {kinds}") from None
+    for key in ("duration", "memory"):
+        value = item.get(key, 0 if key == "memory" else None)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UserError(f"{where}: {key!r} must be a number, got {value!r}")
+    if item["duration"] <= 0:
+        raise UserError(f"{where} has non-positive duration {item['duration']!r}")
+    devices = item.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        devices = [devices]
+    if not isinstance(devices, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in devices
+    ):
+        raise UserError(f"{where}: 'devices' must be a device number or a list of device numbers")
+    after = item.get("after", [])
+    if isinstance(after, str):
+        after = [after]
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        raise UserError(f"{where}: 'after' must be a list of block names")
+    return Block(
+        name, kind, float(item["duration"]), float(item.get("memory", 0)), tuple(devices), tuple(after)
+    )
+
+
+def chain(blocks: Iterable[Block]) -> list[Block]:
+    """Link blocks one after another (each depends on the previous one)."""
+    out: list[Block] = []
+    for block in blocks:
+        out.append(replace(block, after=(out[-1].name,)) if out else block)
+    return out
