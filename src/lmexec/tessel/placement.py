@@ -106,7 +106,7 @@ class Placement:
                     raise UserError(f"{where}: block {block.name!r} depends on unknown block {dep!r}")
                 if dep == block.name:
                     raise UserError(f"{where}: block {block.name!r} depends on itself")
-        self.topological_order  # raises on a cycle
+        _ = self.topological_order  # raises on a cycle
         for device, (cap, static) in enumerate(zip(self.capacity, self.static_memory, strict=True)):
             need = self.min_peak_memory[device]
             if need > cap + 1e-9:
