@@ -1,0 +1,130 @@
+"""Preallocated per-layer storage for K, V and per-token selection features (hash codes, ...).
+
+Appending writes into spare capacity in place; the buffer is reallocated only when full, and then by
+at least doubling, so a decode step never copies the whole cache (unlike a concatenating cache).
+Reads are views ``[B, H, n, F]`` of the buffer. This is the storage the transformers ``Cache`` layer of
+the integration issue wraps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_STEP = 1024
+
+
+class GrowableBuffer:
+    """A ``[B, H, capacity, F]`` tensor filled along dim 2; ``append`` is in place until it is full."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        features: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = DEFAULT_STEP,
+        step: int = DEFAULT_STEP,
+    ) -> None:
+        self.step = max(1, step)
+        self.data = torch.empty(batch, heads, max(1, capacity), features, dtype=dtype, device=device)
+        self.length = 0
+        self.reallocations = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[2]
+
+    def reserve(self, needed: int) -> None:
+        """Ensure room for ``needed`` rows: grow to max(needed, 2 * capacity), rounded up to ``step``."""
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        new_capacity = -(-new_capacity // self.step) * self.step
+        b, h, _, f = self.data.shape
+        grown = torch.empty(b, h, new_capacity, f, dtype=self.data.dtype, device=self.data.device)
+        grown[:, :, : self.length] = self.data[:, :, : self.length]
+        self.data = grown
+        self.reallocations += 1
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Write ``rows [B, H, T, F]`` at ``start`` (at most the current length) in place."""
+        if not 0 <= start <= self.length:
+            raise IndexError(f"write at {start} would leave a gap after row {self.length}")
+        end = start + rows.shape[2]
+        self.reserve(end)
+        self.data[:, :, start:end] = rows
+        self.length = max(self.length, end)
+
+    def append(self, rows: torch.Tensor) -> int:
+        """Write ``rows [B, H, T, F]`` after the current end; return the start index."""
+        start = self.length
+        self.write(start, rows)
+        return start
+
+    def view(self) -> torch.Tensor:
+        """The filled part ``[B, H, length, F]`` (a view, no copy)."""
+        return self.data[:, :, : self.length]
+
+
+@dataclass
+class LayerCache:
+    """K and V of one layer plus named per-token feature buffers owned by a selection method."""
+
+    key_buffer: GrowableBuffer
+    value_buffer: GrowableBuffer
+    extras: dict[str, GrowableBuffer] = field(default_factory=dict)
+    state: dict[str, object] = field(default_factory=dict)
+    """Small per-layer method state that is not per-token (e.g. Quest's page statistics)."""
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int = DEFAULT_STEP,
+    ) -> LayerCache:
+        make = lambda: GrowableBuffer(batch, kv_heads, head_dim, dtype, device, capacity)  # noqa: E731
+        return cls(make(), make())
+
+    @classmethod
+    def from_prefill(
+        cls, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None
+    ) -> LayerCache:
+        """A cache holding ``keys``/``values`` ``[B, H_kv, T, d]`` with room for ``capacity`` tokens."""
+        b, h, t, d = keys.shape
+        cache = cls.empty(b, h, d, keys.dtype, keys.device, max(capacity or 0, t + DEFAULT_STEP))
+        cache.append(keys, values)
+        return cache
+
+    @property
+    def length(self) -> int:
+        return self.key_buffer.length
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.key_buffer.view()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.value_buffer.view()
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Append ``[B, H_kv, T, d]`` keys and values in place; return the first new position."""
+        start = self.key_buffer.append(keys)
+        self.value_buffer.append(values)
+        return start
+
+    def extra(self, name: str, features: int, dtype: torch.dtype) -> GrowableBuffer:
+        """The feature buffer ``name`` (created empty, with the K buffer's capacity, on first use)."""
+        buffer = self.extras.get(name)
+        if buffer is None:
+            b, h, capacity, _ = self.key_buffer.data.shape
+            buffer = GrowableBuffer(b, h, features, dtype, self.key_buffer.data.device, capacity)
+            self.extras[name] = buffer
+        return buffer

@@ -1,0 +1,79 @@
+"""The one interface every selection method implements (one small class per method, like kvpress presses).
+
+Call shape, per layer and decode step::
+
+    method.prepare(cache, layer)              # after prefill: fit per-layer parameters, build key features
+    start = cache.append(k, v)
+    method.on_append(cache, layer, start)     # features of the new keys only, written in place
+    scores = method.scores(query, cache, layer)        # [B, H_kv, N], higher = keep
+    indices = method.select(query, cache, layer, budget)   # [B, H_kv, k], one list per KV head
+
+Scores are per KV head (summed over the query heads of its GQA group) so the group shares one index
+list. ``selection_bytes_per_token`` is what scoring reads per cached token and KV head, so methods can
+be compared at equal selection traffic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from lmexec.hata.budget import Budget
+from lmexec.hata.cache import LayerCache
+
+
+def top_k_indices(scores: torch.Tensor, budget: Budget, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, H_kv, k]`` of the best scores; sink/recent forced in, counted inside ``k``.
+
+    ``valid`` (bool ``[B, N]``, optional) marks real tokens; invalid ones (padding) are never chosen
+    while enough valid tokens remain.
+    """
+    n = scores.shape[-1]
+    k = budget.tokens(n)
+    ranked = scores.float().masked_fill(budget.forced_mask(n, scores.device), float("inf"))
+    if valid is not None:
+        ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.topk(ranked, k, dim=-1, sorted=False).indices
+
+
+def group_softmax_sum(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, H_kv, G, N]`` logits -> ``[B, H_kv, N]``: softmax per query head, summed over the group."""
+    return torch.softmax(logits.float(), dim=-1).sum(dim=2)
+
+
+class SelectionMethod(ABC):
+    """Base class: subclasses set ``name`` and implement :meth:`scores` and :meth:`selection_bytes_per_token`."""
+
+    name: ClassVar[str]
+
+    def prepare(self, cache: LayerCache, layer: int) -> None:
+        """Called once after prefill; the default builds features for every cached key."""
+        self.on_append(cache, layer, 0)
+
+    def on_append(self, cache: LayerCache, layer: int, start: int) -> None:  # noqa: B027 - optional hook
+        """Called after keys ``start:`` were appended; methods with key features extend them here."""
+
+    @abstractmethod
+    def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
+        """Selection scores ``[B, H_kv, N]`` for decode queries ``[B, H_q, d]``; higher = keep."""
+
+    def select(
+        self,
+        query: torch.Tensor,
+        cache: LayerCache,
+        layer: int,
+        budget: Budget,
+        scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Indices ``[B, H_kv, k]`` to attend to (pass ``scores`` to reuse them across budgets)."""
+        return top_k_indices(self.scores(query, cache, layer) if scores is None else scores, budget)
+
+    @abstractmethod
+    def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
+        """Bytes read per cached token and KV head to score it (None: no selection step)."""
+
+    def describe(self) -> str:
+        """Short label with the settings, for tables."""
+        return self.name

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from lmexec.errors import UserError
+from lmexec.hata.selection import Hata
+from lmexec.hata.weights import load_hash_weights, save_hash_weights
+
+
+def test_round_trip(tmp_path):
+    weights = {layer: torch.randn(3, 64, 128) for layer in range(2, 6)}
+    path = save_hash_weights(tmp_path / "w.safetensors", weights, n_layers=6, model="test", dense_layers=2)
+    loaded = load_hash_weights(path, n_layers=6, n_kv_heads=3, head_dim=64, bits=128)
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[i], weights[i]) for i in weights)
+    method = Hata.from_file(path, 6, 3, 64)
+    assert method.bits == 128
+
+
+def test_mismatch_and_corruption_are_clear(tmp_path):
+    path = save_hash_weights(tmp_path / "w.safetensors", {2: torch.randn(3, 64, 64)}, n_layers=30)
+    with pytest.raises(UserError, match="n_kv_heads=3, but the model has n_kv_heads=4"):
+        load_hash_weights(path, 30, 4, 64)
+    with pytest.raises(UserError, match="n_layers=30, but the model has n_layers=24"):
+        load_hash_weights(path, 24, 3, 64)
+    with pytest.raises(UserError, match="bits=64, but the model has bits=128"):
+        load_hash_weights(path, 30, 3, 64, bits=128)
+    with pytest.raises(UserError, match="does not exist"):
+        load_hash_weights(tmp_path / "missing.safetensors", 30, 3, 64)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_hash_weights(broken, 30, 3, 64)
