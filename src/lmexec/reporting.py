@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# Wide enough for tables when output goes to a file or pipe (rich would assume 80 columns).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 def _jsonable(value: Any) -> Any:

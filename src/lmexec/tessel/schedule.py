@@ -99,7 +99,8 @@ class Schedule:
         return max(self.end(t) for t in self.tasks) - min(t.start for t in self.tasks)
 
     def tasks_on(self, device: int) -> list[Task]:
-        return [t for t in self.tasks if device in self.placement.block(t.block).devices]
+        index = self.placement.index  # unknown block names are reported by validate(), not here
+        return [t for t in self.tasks if t.block in index and device in self.placement.block(t.block).devices]
 
     def device_orders(self) -> list[list[tuple[str, int]]]:
         """Per device, the (block, micro-batch) sequence in start order: the schedule's IR."""

@@ -1,0 +1,90 @@
+"""The tessel CLI: figures on stdout, files on request, one-line errors for user mistakes."""
+
+import json
+
+import pytest
+
+from lmexec.cli import main
+from lmexec.tessel.placement import Placement
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_placements_lists_every_builtin(capsys, tmp_path):
+    code, out, _ = run(capsys, "tessel", "placements", "--json", str(tmp_path / "p.json"))
+    assert code == 0 and "kshape" in out and "zerobubble" in out
+    names = [p["name"] for p in json.loads((tmp_path / "p.json").read_text())["placements"]]
+    assert "alphafold" in names and len(names) == 10
+
+
+def test_show_draws_and_exports(capsys, tmp_path):
+    code, out, _ = run(capsys, "tessel", "show", "-p", "mshape", "-d", "4", "--png", str(tmp_path / "m.png"),
+                       "--export", str(tmp_path / "m.json"))  # fmt: skip
+    assert code == 0 and "embed.f" in out
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert Placement.load(tmp_path / "m.json").name == "mshape"
+
+
+def test_baseline_writes_json_png_trace_and_a_valid_schedule(capsys, tmp_path):
+    code, out, _ = run(
+        capsys, "tessel", "baseline", "--placement", "vshape", "--devices", "4", "--micro-batches", "8",
+        "--schedule", "1f1b", "--png", str(tmp_path / "o.png"), "--json", str(tmp_path / "o.json"),
+        "--trace", str(tmp_path / "t.json"), "--save", str(tmp_path / "s.json"),
+    )  # fmt: skip
+    assert code == 0 and "44" in out
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert data["schedules"]["1f1b"]["metrics"]["makespan"] == 44 and data["lower_bound"] == 44
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert sum(e["ph"] == "X" for e in trace["traceEvents"]) == 8 * 8
+    code, out, _ = run(capsys, "tessel", "validate", str(tmp_path / "s.json"))
+    assert code == 0 and out.startswith("valid")
+
+
+def test_baseline_all_marks_memory_violations(capsys, tmp_path):
+    code, out, _ = run(capsys, "tessel", "baseline", "-p", "vshape", "-d", "4", "-n", "8", "-m", "4",
+                       "--json", str(tmp_path / "o.json"))  # fmt: skip
+    data = json.loads((tmp_path / "o.json").read_text())["schedules"]
+    assert data["1f1b"]["violations"] == []
+    assert data["gpipe"]["violations"] and "exceeds capacity 4" in data["gpipe"]["violations"][0]
+
+
+def test_file_placement_and_memory_list(capsys, tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"devices": 2, "blocks": [
+        {"name": "a", "duration": 1, "memory": 1, "devices": [0]},
+        {"name": "b", "duration": 2, "memory": 1, "devices": [1], "after": ["a"]},
+        {"name": "c", "kind": "backward", "duration": 2, "memory": -1, "devices": [1], "after": ["b"]},
+        {"name": "d", "kind": "backward", "duration": 2, "memory": -1, "devices": [0], "after": ["c"]},
+    ]}))  # fmt: skip
+    code, out, _ = run(capsys, "tessel", "baseline", "-p", str(path), "-n", "3", "-m", "3,2")
+    assert code == 0 and "gpipe" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tessel", "show", "-p", "nope", "-d", "4"], "unknown placement 'nope'"),
+        (["tessel", "show", "-p", "vshape"], "needs --devices"),
+        (["tessel", "show", "-p", "kshape", "-d", "3"], "even device count"),
+        (["tessel", "baseline", "-p", "mshape", "-d", "4", "-s", "1f1b"], "does not apply"),
+        (["tessel", "baseline", "-p", "vshape", "-d", "4", "--set", "B.duration"], "bad override"),
+        (["tessel", "baseline", "-p", "vshape", "-d", "4", "-m", "0.5"], "needs memory 1 on device 0"),
+        (["tessel", "show", "-p", "/no/such/file.json"], "cannot read placement file"),
+    ],
+)
+def test_user_mistakes_give_one_line_errors(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_json_file_is_one_line(capsys, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"devices": 2, "blocks": [{"name": "a", "duration": -1, "devices": [0]}]}')
+    code, _, err = run(capsys, "tessel", "show", "-p", str(path))
+    assert code == 2 and "non-positive duration" in err and err.count("\n") == 1

@@ -1,0 +1,135 @@
+"""Placements: built-ins match the paper's cases, round-trip through JSON, bad input is named."""
+
+import json
+
+import pytest
+
+from lmexec.errors import UserError
+from lmexec.tessel.block import BlockKind
+from lmexec.tessel.placement import Placement
+from lmexec.tessel.shapes import SHAPES, build_placement
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("inference", [False, True])
+def test_builtin_round_trips_through_json(shape, devices, inference, tmp_path):
+    placement = build_placement(shape, devices, inference=inference, capacity=devices + 2, static_memory=0.5)
+    path = tmp_path / "p.json"
+    placement.to_json(path)
+    again = Placement.load(path)
+    assert again == placement
+    assert again.to_dict() == placement.to_dict()
+
+
+@pytest.mark.parametrize(
+    "shape, blocks, work",
+    [  # block counts and per-device work at 4 devices, training (the paper's table)
+        ("vshape", 8, 4), ("xshape", 16, 8), ("mshape", 10, 6), ("nnshape", 12, 8), ("mllm", 12, 8),
+        ("kshape", 10, 6), ("finetune", 9, 4), ("alphafold", 16, 4), ("interleaved", 16, 8),
+    ],
+)  # fmt: skip
+def test_builtin_defaults_match_paper(shape, blocks, work):
+    placement = build_placement(shape, 4)
+    assert len(placement.blocks) == blocks
+    assert placement.device_work == (work,) * 4
+
+
+def test_inference_variant_keeps_forwards_without_memory():
+    placement = build_placement("mshape", 4, inference=True)
+    assert all(b.kind is BlockKind.FORWARD and b.memory == 0 for b in placement.blocks)
+    assert placement.device_work == (2.0,) * 4  # the paper's W_d for mshape inference
+
+
+def test_kshape_is_a_dag_with_a_join():
+    placement = build_placement("kshape", 4)
+    join = placement.block("join.f")
+    assert set(join.after) == {"left.f1", "right.f1"}
+    assert join.devices == (0, 1, 2, 3) and join.memory == 1
+    assert placement.block("join.b").memory == -1
+    assert placement.block("left.b1").after == ("join.b",) and placement.block("right.b1").after == (
+        "join.b",
+    )
+
+
+def test_zerobubble_releases_memory_between_input_and_weight_gradients():
+    placement = build_placement("zerobubble", 4)
+    for d in range(4):
+        total = sum(b.memory for b in placement.blocks_on(d))
+        assert total == pytest.approx(0.0)
+        assert placement.block(f"w{d}").after == (f"i{d}",)
+
+
+def test_overrides_apply_per_role():
+    placement = build_placement("vshape", 4, overrides={"B": {"duration": 2}, "F": {"memory": 3}})
+    assert {b.duration for b in placement.blocks if b.kind is BlockKind.BACKWARD} == {2}
+    assert {b.memory for b in placement.blocks if b.kind is BlockKind.FORWARD} == {3}
+    with pytest.raises(UserError, match="unknown block role"):
+        build_placement("vshape", 4, overrides={"Q": {"duration": 1}})
+    with pytest.raises(UserError, match="positive"):
+        build_placement("vshape", 4, overrides={"F": {"duration": 0}})
+
+
+def _doc(**changes):
+    doc = {"devices": 2, "capacity": [4, 4], "blocks": [
+        {"name": "f0", "kind": "forward", "duration": 1, "memory": 1, "devices": [0]},
+        {"name": "f1", "kind": "forward", "duration": 1, "memory": 1, "devices": [1], "after": ["f0"]},
+        {"name": "b1", "kind": "backward", "duration": 2, "memory": -1, "devices": [1], "after": ["f1"]},
+        {"name": "b0", "kind": "backward", "duration": 2, "memory": -1, "devices": [0], "after": ["b1"]},
+    ]}  # fmt: skip
+    doc.update(changes)
+    return doc
+
+
+def _with_block(index, **changes):
+    doc = _doc()
+    doc["blocks"][index] = {**doc["blocks"][index], **changes}
+    return doc
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (_with_block(0, devices=[5]), "unknown device 5"),
+        (_with_block(0, after=["b0"]), "cycle in dependencies"),
+        (_with_block(1, duration=0), "non-positive duration"),
+        (_with_block(1, duration=-2), "non-positive duration"),
+        (_with_block(1, after=["nope"]), "unknown block 'nope'"),
+        (_with_block(1, name="f0"), "used twice"),
+        (_with_block(1, kind="sideways"), "unknown kind 'sideways'"),
+        (_with_block(1, duration="1"), "'duration' must be a number"),
+        (_with_block(1, colour="red"), "unknown key"),
+        (_doc(capacity=[0.5, 4]), "needs memory 1 on device 0"),
+        (_doc(capacity=[4, 4, 4]), "lists 3 values but the placement has 2 devices"),
+        (_doc(devices=0), "'devices' must be a positive integer"),
+        (_doc(blocks="f0"), "'blocks' must be a list"),
+        ({"blocks": []}, "missing the key 'devices'"),
+        ([1, 2], "must be an object"),
+    ],
+)
+def test_bad_placement_json_names_the_problem(doc, message, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=message) as info:
+        Placement.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unparsable_json_gives_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"devices": 2,\n "blocks": [}')
+    with pytest.raises(UserError, match=r"invalid JSON at line 2 column"):
+        Placement.load(path)
+
+
+def test_valid_user_placement_loads_with_per_device_capacity():
+    placement = Placement.from_dict(_doc(capacity=[1, 3], static_memory=[0, 1]))
+    assert placement.capacity == (1.0, 3.0) and placement.static_memory == (0.0, 1.0)
+    assert placement.min_peak_memory == (1.0, 2.0)
+    assert placement.critical_path == 6
+
+
+def test_makespan_lower_bound_equals_1f1b_optimum_on_vshape():
+    placement = build_placement("vshape", 4)
+    for n, expected in [(1, 16), (2, 20), (4, 28), (128, 524)]:  # 4 (n + 3), the paper's figures
+        assert placement.makespan_lower_bound(n) == expected
