@@ -133,3 +133,16 @@ def test_makespan_lower_bound_equals_1f1b_optimum_on_vshape():
     placement = build_placement("vshape", 4)
     for n, expected in [(1, 16), (2, 20), (4, 28), (128, 524)]:  # 4 (n + 3), the paper's figures
         assert placement.makespan_lower_bound(n) == expected
+
+
+def test_min_peak_memory_is_a_tight_closure_bound():
+    # xshape: device 0 holds the down chain's first stage and the up chain's last; running one chain
+    # fully before the other needs only 1 unit, and a block that frees memory needs its own forward first.
+    assert build_placement("xshape", 4).min_peak_memory == (1.0,) * 4
+    assert build_placement("kshape", 4).min_peak_memory == (2.0,) * 4
+    doc = {"devices": 1, "blocks": [
+        {"name": "a", "memory": 2, "duration": 1, "devices": [0]},
+        {"name": "free", "memory": -2, "duration": 1, "devices": [0], "after": ["a"]},
+        {"name": "c", "memory": 1, "duration": 1, "devices": [0]},
+    ]}  # fmt: skip
+    assert Placement.from_dict(doc).min_peak_memory == (2.0,)  # run a, free, then c: peak 2, not 3

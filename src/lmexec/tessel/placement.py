@@ -211,27 +211,16 @@ class Placement:
     def min_peak_memory(self) -> tuple[float, ...]:
         """A lower bound of each device's peak memory when one micro-batch runs alone.
 
-        When block b starts, all its ancestors on the device have started; the most any other block
-        could have released by then is the sum of the negative deltas of blocks that are neither
-        ancestors nor descendants of b.
+        When block b starts on device d, a set S of blocks has started that contains b's ancestors,
+        excludes b and its descendants, and is closed under dependencies. The least memory S can
+        leave on d is a minimum-weight closure problem, solved exactly as a minimum cut; the bound is
+        the largest over b of static + min(S) + delta(b).
         """
-        peaks = []
-        for device in range(self.num_devices):
-            on = self.blocks_on(device)
-            peak = self.static_memory[device]
-            for block in on:
-                before = sum(o.memory for o in on if o.name in self.ancestors[block.name])
-                free = sum(
-                    o.memory
-                    for o in on
-                    if o.memory < 0
-                    and o is not block
-                    and o.name not in self.ancestors[block.name]
-                    and block.name not in self.ancestors[o.name]
-                )
-                peak = max(peak, self.static_memory[device] + before + block.memory + free)
-            peaks.append(peak)
-        return tuple(peaks)
+        return tuple(
+            max([self.static_memory[d]] + [self.static_memory[d] + _least_memory_before(self, b, d) + b.memory
+                                           for b in self.blocks_on(d)])
+            for d in range(self.num_devices)
+        )  # fmt: skip
 
     # ---- variants ----------------------------------------------------------------------------
     def with_memory(
@@ -366,3 +355,35 @@ def chain(blocks: Iterable[Block]) -> list[Block]:
     for block in blocks:
         out.append(replace(block, after=(out[-1].name,)) if out else block)
     return out
+
+
+def _least_memory_before(placement: Placement, block: Block, device: int) -> float:
+    """min over dependency-closed sets S (ancestors of ``block`` in, it and its descendants out) of the
+    memory S leaves on ``device``: a maximum-profit closure with profit = -memory, via networkx min cut."""
+    import networkx as nx
+
+    forced_in = placement.ancestors[block.name]
+    forced_out = {block.name} | {n for n, anc in placement.ancestors.items() if block.name in anc}
+    weight = {b.name: (b.memory if device in b.devices else 0.0) for b in placement.blocks}
+    base = sum(weight[n] for n in forced_in)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(["source", "sink"])
+    gain = 0.0
+    for b in placement.blocks:
+        if b.name in forced_in or b.name in forced_out:
+            continue
+        profit = -weight[b.name]  # choosing a block that frees memory is a gain
+        if profit > 0:
+            graph.add_edge("source", b.name, capacity=profit)
+            gain += profit
+        elif profit < 0:
+            graph.add_edge(b.name, "sink", capacity=-profit)
+        for dep in b.after:
+            if dep in forced_out:  # cannot run before block: neither can b
+                graph.add_edge(b.name, "sink")
+            elif dep not in forced_in:
+                graph.add_edge(b.name, dep)  # infinite: b in S needs dep in S
+    if gain == 0.0:
+        return base
+    cut, _ = nx.minimum_cut(graph, "source", "sink")
+    return base - (gain - cut)
