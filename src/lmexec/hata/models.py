@@ -93,8 +93,10 @@ def load_model(name_or_path: str, dtype: Any = None, attn_implementation: str = 
     """Load ``(model, tokenizer)`` in eval mode from the local copy; never downloads."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     _offline()
+    hf_logging.disable_progress_bar()  # our own progress display is enough
     path = model_dir(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True

@@ -1,0 +1,47 @@
+"""CLI input errors: one line on stderr, exit code 2, no traceback, before any model is loaded."""
+
+import pytest
+
+from lmexec.cli import main
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budget", "0"], "budget must be > 0"),
+        (["--budget", "-3"], "budget must be > 0"),
+        (["--budget", "many"], "budget must be a number"),
+        (["--budgets", "64,0"], "budget must be > 0"),
+        (["--bits", "100"], "hash bits must be one of 32, 64, 128, 256"),
+        (["--methods", "dense,magic"], "unknown method(s) magic"),
+        (["--methods", "hata"], "lmexec hata train"),
+        (["--texts", "poetry"], "unknown text kind(s) poetry"),
+        (["--positions", "0"], "--positions must be between 1"),
+        (["--context", "8"], "--context must be at least 64"),
+        (["--budget", "4", "--sink", "4", "--recent", "4"], "count inside the budget"),
+        (
+            ["--model", "no-such-model", "--context", "64", "--positions", "1"],
+            "unknown model 'no-such-model'",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_error(capsys, flags, message):
+    assert main(["hata", "fidelity", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_weights_file_is_a_clear_error(capsys, tmp_path):
+    missing = tmp_path / "w.safetensors"
+    code = main(["hata", "fidelity", "--methods", "hata", "--hata-weights", str(missing), "--context", "64"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"hash weights file {missing} does not exist" in err and "lmexec hata train" in err
+
+
+def test_help_lists_fidelity(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["hata", "--help"])
+    assert exit_info.value.code == 0
+    assert "fidelity" in capsys.readouterr().out
