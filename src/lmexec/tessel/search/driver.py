@@ -1,0 +1,283 @@
+"""Search driver: period candidates from the work bound upward, then completion for N micro-batches.
+
+Candidates are tried one by one from ``ceil(max work)`` (a few steps), then with doubling steps, and
+the gap below the first feasible period is closed by bisection. Every period proven infeasible below
+the answer, contiguously from the work bound, raises the proven lower bound; the period is optimal
+when the two meet. Infeasibility is relative to the model's horizon (each block waits less than one
+period per dependency hop), which covers every schedule that does not idle a whole period needlessly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmexec.errors import UserError
+from lmexec.tessel.placement import Placement
+from lmexec.tessel.schedule import Schedule
+from lmexec.tessel.search import repetend as rp
+from lmexec.tessel.search.completion import Completion, complete, to_schedule
+from lmexec.tessel.search.problem import IntProblem
+
+LINEAR_STEPS = 4
+CANDIDATE_SHARE = 0.3  # of the time left, at most, for one period candidate
+CANDIDATE_MIN = 0.5  # seconds
+SPAN_SHARE = 0.15  # of the time limit, at most, to minimise the final repetend's span
+REPETEND_SHARE = 0.7  # of the time limit; the rest (at least) goes to completion
+
+Solver = Callable[..., rp.Outcome]
+
+
+def _solver(name: str) -> Solver:
+    if name == "cpsat":
+        return rp.solve_repetend_cpsat
+    if name == "z3":
+        from lmexec.tessel.search.z3_backend import solve_repetend_z3
+
+        return solve_repetend_z3
+    raise UserError(f"unknown solver {name!r}; use cpsat or z3")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    period: float
+    status: str
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """What the search found and what it proved (periods in the placement's time unit)."""
+
+    placement: Placement
+    micro_batches: int
+    solver: str
+    period: float
+    period_bound: float
+    work_bound: float
+    schedule: Schedule
+    makespan_bound: float
+    repetend: rp.Repetend
+    search_seconds: float
+    repetend_seconds: float
+    completion_seconds: float
+    in_flight: int
+    candidates: list[Candidate] = field(default_factory=list)
+    completion_steps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def period_optimal(self) -> bool:
+        return self.period <= self.period_bound + 1e-9
+
+    @property
+    def makespan(self) -> float:
+        return self.schedule.makespan
+
+    @property
+    def steady_bubble_rate(self) -> float:
+        """Idle share of device time within one period of the steady state."""
+        p = self.placement
+        return 1.0 - sum(p.device_work) / (p.num_devices * self.period)
+
+    def to_dict(self) -> dict[str, Any]:
+        metrics = self.schedule.metrics()
+        return {
+            "placement": self.placement.name,
+            "devices": self.placement.num_devices,
+            "capacity": list(self.placement.capacity),
+            "inference": self.placement.is_inference,
+            "micro_batches": self.micro_batches,
+            "solver": self.solver,
+            "period": self.period,
+            "period_lower_bound": self.period_bound,
+            "period_optimal": self.period_optimal,
+            "work_bound": self.work_bound,
+            "steady_bubble_rate": self.steady_bubble_rate,
+            "in_flight": self.in_flight,
+            "makespan": metrics.makespan,
+            "makespan_lower_bound": self.makespan_bound,
+            "bubble_rate": metrics.bubble_rate,
+            "peak_memory": list(metrics.peak_memory),
+            "search_seconds": self.search_seconds,
+            "repetend_seconds": self.repetend_seconds,
+            "completion_seconds": self.completion_seconds,
+            "completion_steps": self.completion_steps,
+            "candidates": [c.__dict__ for c in self.candidates],
+        }
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def find_repetend(
+    prob: IntProblem,
+    time_limit: float,
+    solver: str = "cpsat",
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> tuple[rp.Repetend | None, int, list[tuple[int, str, float]]]:
+    """Smallest-period repetend found in time, the proven lower bound (integer units), the log.
+
+    Each candidate gets at most a share of the time left, so one hard proof cannot starve the
+    rest; the final period's span is then minimised with what remains of its share.
+    """
+    solve = _solver(solver)
+    began = time.perf_counter()
+    low = max(prob.work)
+    top = max(low, sum(prob.duration))
+    proven = low  # every period below this is proven infeasible
+    tried: dict[int, str] = {}
+    log: list[tuple[int, str, float]] = []
+    best: rp.Repetend | None = None
+
+    def left() -> float:
+        return time_limit - (time.perf_counter() - began)
+
+    def attempt(period: int) -> rp.Outcome:
+        nonlocal proven, best
+        cap = max(CANDIDATE_MIN, left() * CANDIDATE_SHARE)
+        outcome = solve(prob, period, min(cap, left()), workers=workers)
+        log.append((period, outcome.status, outcome.seconds))
+        tried[period] = outcome.status
+        while tried.get(proven) == rp.INFEASIBLE:
+            proven += 1
+        if outcome.repetend is not None and (best is None or period < best.period):
+            best = outcome.repetend
+        if progress:
+            progress({"tried": len(log), "period": period, "status": outcome.status,
+                      "best": best.period if best else None, "bound": proven,
+                      "seconds": time.perf_counter() - began})  # fmt: skip
+        return outcome
+
+    period, step, last_miss = low, 1, low - 1
+    while period <= top and left() > 0:
+        if attempt(period).repetend is not None:
+            break
+        last_miss = period
+        if len(log) >= LINEAR_STEPS:
+            step *= 2
+        period = min(top, period + step) if period < top else top + 1
+    if best is None:
+        return None, proven, log
+    lo, hi = last_miss, best.period  # bisection: lo failed (or is below the bound), hi succeeded
+    while left() > 0:
+        untried = [p for p in range(lo + 1, hi) if p not in tried]
+        if not untried:
+            break
+        mid = untried[len(untried) // 2]
+        if attempt(mid).repetend is not None:
+            hi = mid
+        else:
+            lo = mid
+    if left() > 0 and solver == "cpsat":
+        tuned = rp.solve_repetend_cpsat(
+            prob, best.period, min(left(), max(CANDIDATE_MIN, time_limit * SPAN_SHARE)), workers,
+            optimize=True, hint=best,
+        )  # fmt: skip
+        if tuned.repetend is not None and tuned.repetend.span(prob) <= best.span(prob):
+            best = tuned.repetend
+        log.append((best.period, "span " + tuned.status, tuned.seconds))
+    return best, min(proven, best.period), log
+
+
+def search(
+    placement: Placement,
+    micro_batches: int,
+    *,
+    time_limit: float = 60.0,
+    solver: str = "cpsat",
+    inference: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+    completion_limit: float | None = None,
+) -> SearchResult:
+    """Search a repetend and complete it for ``micro_batches``; raises UserError when nothing fits."""
+    if micro_batches < 1:
+        raise UserError("the micro-batch count must be at least 1")
+    if time_limit <= 0:
+        raise UserError("the time limit must be positive")
+    if inference and not placement.is_inference:
+        placement = placement.forward_only()
+    began = time.perf_counter()
+    prob = IntProblem.build(placement)
+    rep, proven, log = find_repetend(prob, time_limit * REPETEND_SHARE, solver, workers, progress)
+    repetend_seconds = time.perf_counter() - began
+    if rep is None:
+        rep = _fallback(prob)
+        proven = min(proven, rep.period) if rep else proven
+    if rep is None:
+        raise UserError(_no_schedule_message(prob, log, time_limit))
+    left = time_limit - (time.perf_counter() - began)
+    budget = max(0.2, left) if completion_limit is None else completion_limit
+    done: Completion = complete(prob, rep, micro_batches, budget, workers)
+    unit = prob.time.real
+    schedule = to_schedule(prob, done.starts, micro_batches, f"tessel-{solver}")
+    first = min(done.starts.values())
+    schedule.repetend = _repetend_window(prob, rep, done, micro_batches, first)
+    schedule.info = {"period": unit(rep.period), "period_lower_bound": unit(proven), "solver": solver}
+    return SearchResult(
+        placement=placement,
+        micro_batches=micro_batches,
+        solver=solver,
+        period=unit(rep.period),
+        period_bound=max(placement.max_work, unit(proven)) if prob.time.exact else placement.max_work,
+        work_bound=placement.max_work,
+        schedule=schedule,
+        makespan_bound=placement.makespan_lower_bound(micro_batches),
+        repetend=rep,
+        search_seconds=time.perf_counter() - began,
+        repetend_seconds=repetend_seconds,
+        completion_seconds=done.seconds,
+        in_flight=rep.in_flight(prob),
+        candidates=[Candidate(unit(p), s, t) for p, s, t in log],
+        completion_steps={k: unit(v) for k, v in done.steps.items()},
+    )
+
+
+def _repetend_window(prob, rep, done: Completion, n: int, first: int) -> tuple[float, float] | None:
+    """Where the first full period shows in the final schedule (re-timed, so approximately)."""
+    offsets = [(s - min(rep.start)) // rep.period for s in rep.start]
+    kmax = max(offsets)
+    if n <= kmax:
+        return None
+    t0 = min(done.starts[(i, kmax - k)] for i, k in enumerate(offsets)) - first
+    return (prob.time.real(t0), prob.time.real(t0 + rep.period))
+
+
+def _fallback(prob: IntProblem) -> rp.Repetend | None:
+    """One micro-batch after another in topological order, if that fits the memory."""
+    start, clock = [0] * prob.size, 0
+    for i in prob.topo:
+        start[i] = clock
+        clock += prob.duration[i]
+    for d, on in enumerate(prob.on_device):
+        level = prob.static[d]
+        for i in sorted(on, key=start.__getitem__):
+            level += prob.delta[i]
+            if level > prob.capacity[d]:
+                return None
+    if any(net > 0 for d, net in enumerate(prob.net) if prob.limited(d)):
+        return None
+    return rp.Repetend(clock, tuple(start))
+
+
+def _no_schedule_message(prob: IntProblem, log, time_limit: float) -> str:
+    placement = prob.placement
+    if log and log[-1][1] == rp.INFEASIBLE and log[-1][0] >= sum(prob.duration):
+        worst = [
+            f"device {d} (capacity {placement.capacity[d]:g}, one micro-batch needs at least "
+            f"{placement.min_peak_memory[d]:g})"
+            for d in range(placement.num_devices)
+            if math.isfinite(placement.capacity[d])
+        ]
+        return (
+            f"placement {placement.name!r}: no schedule fits the memory limits, not even one micro-batch at a "
+            f"time; check {'; '.join(worst)}"
+        )
+    return (
+        f"placement {placement.name!r}: no repetend found within the time limit of {time_limit:g} s; "
+        "raise --time-limit or the memory limit"
+    )

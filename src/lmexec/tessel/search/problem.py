@@ -1,0 +1,160 @@
+"""Integer view of a placement for the solvers (CP-SAT and z3 only take integers).
+
+Durations and memory may be floats (profiled milliseconds and bytes). They are mapped to integers
+either *exactly* (a common rational scale with a bounded denominator) or, when that would make the
+numbers too large, *conservatively* at a fixed resolution: durations and memory deltas are rounded
+up, capacities down. A schedule that is valid on the integers is then valid on the real floats, so
+:meth:`Schedule.validate` always passes on what the search returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cached_property
+
+from lmexec.tessel.placement import Placement
+
+MAX_DENOMINATOR = 1000
+TIME_RESOLUTION = 1000  # integer units for the longest block when exact scaling is too fine
+MEMORY_RESOLUTION = 1_000_000
+NO_LIMIT = 1 << 40
+
+
+def _exact_scale(values: list[float], limit: int) -> int | None:
+    """Smallest integer q with q*v integral for every v (denominators <= MAX_DENOMINATOR), if q*max <= limit."""
+    scale = 1
+    for value in values:
+        frac = Fraction(value).limit_denominator(MAX_DENOMINATOR)
+        if abs(float(frac) - value) > 1e-9 * max(1.0, abs(value)):
+            return None
+        scale = math.lcm(scale, frac.denominator)
+    biggest = max((abs(v) for v in values), default=0.0)
+    return scale if biggest * scale <= limit else None
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Integer unit: real value = integer * ``unit``; ``exact`` when no rounding happened."""
+
+    unit: Fraction
+    exact: bool
+
+    def up(self, value: float) -> int:
+        q = Fraction(value) / self.unit
+        return round(q) if self.exact else math.ceil(q - Fraction(1, 10**9))
+
+    def down(self, value: float) -> int:
+        q = Fraction(value) / self.unit
+        return round(q) if self.exact else math.floor(q + Fraction(1, 10**9))
+
+    def real(self, value: int) -> float:
+        return float(value * self.unit)
+
+
+def _make_scale(values: list[float], resolution: int) -> Scale:
+    nonzero = [v for v in values if v != 0]
+    if not nonzero:
+        return Scale(Fraction(1), True)
+    q = _exact_scale(nonzero, resolution * 100)
+    if q is not None:
+        return Scale(Fraction(1, q), True)
+    return Scale(Fraction(max(abs(v) for v in nonzero)) / resolution, False)
+
+
+@dataclass(frozen=True)
+class IntProblem:
+    """The placement on integers: index-based blocks, durations, memory deltas, capacities."""
+
+    placement: Placement
+    time: Scale
+    memory: Scale
+    names: tuple[str, ...]
+    duration: tuple[int, ...]
+    delta: tuple[int, ...]
+    devices: tuple[tuple[int, ...], ...]
+    preds: tuple[tuple[int, ...], ...]
+    succs: tuple[tuple[int, ...], ...]
+    capacity: tuple[int, ...]  # NO_LIMIT when unlimited
+    static: tuple[int, ...]
+
+    @classmethod
+    def build(cls, placement: Placement, time_resolution: int = TIME_RESOLUTION) -> IntProblem:
+        blocks = placement.blocks
+        time = _make_scale([b.duration for b in blocks], time_resolution)
+        mem_values = [b.memory for b in blocks] + list(placement.static_memory)
+        mem_values += [c for c in placement.capacity if math.isfinite(c)]
+        memory = _make_scale(mem_values, MEMORY_RESOLUTION)
+        index = placement.index
+        return cls(
+            placement,
+            time,
+            memory,
+            tuple(b.name for b in blocks),
+            tuple(max(1, time.up(b.duration)) for b in blocks),
+            tuple(memory.up(b.memory) for b in blocks),
+            tuple(b.devices for b in blocks),
+            tuple(tuple(dict.fromkeys(index[a] for a in b.after)) for b in blocks),
+            tuple(tuple(dict.fromkeys(index[s] for s in placement.successors[b.name])) for b in blocks),
+            tuple(NO_LIMIT if math.isinf(c) else memory.down(c) for c in placement.capacity),
+            tuple(memory.up(s) for s in placement.static_memory),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_devices(self) -> int:
+        return self.placement.num_devices
+
+    @cached_property
+    def on_device(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(
+            tuple(i for i in range(self.size) if d in self.devices[i]) for d in range(self.num_devices)
+        )
+
+    @cached_property
+    def topo(self) -> tuple[int, ...]:
+        return tuple(self.placement.index[n] for n in self.placement.topological_order)
+
+    @cached_property
+    def work(self) -> tuple[int, ...]:
+        return tuple(sum(self.duration[i] for i in on) for on in self.on_device)
+
+    @cached_property
+    def head(self) -> tuple[int, ...]:
+        out = [0] * self.size
+        for i in self.topo:
+            out[i] = max((out[p] + self.duration[p] for p in self.preds[i]), default=0)
+        return tuple(out)
+
+    @cached_property
+    def tail(self) -> tuple[int, ...]:
+        out = [0] * self.size
+        for i in reversed(self.topo):
+            out[i] = max((out[s] + self.duration[s] for s in self.succs[i]), default=0)
+        return tuple(out)
+
+    @property
+    def critical_path(self) -> int:
+        return max(self.head[i] + self.duration[i] for i in range(self.size))
+
+    @cached_property
+    def net(self) -> tuple[int, ...]:
+        """Memory a micro-batch leaves behind on each device (0 for a well-formed training placement)."""
+        return tuple(sum(self.delta[i] for i in on) for on in self.on_device)
+
+    def limited(self, device: int) -> bool:
+        return self.capacity[device] < NO_LIMIT
+
+    def makespan_bound(self, n: int) -> int:
+        """Integer makespan lower bound: critical path; per device min head + n*W_d + min tail."""
+        bound = self.critical_path
+        for d, on in enumerate(self.on_device):
+            if on:
+                heads = min(self.head[i] for i in on)
+                tails = min(self.tail[i] for i in on)
+                bound = max(bound, heads + n * self.work[d] + tails)
+        return bound
