@@ -9,7 +9,6 @@ period per dependency hop), which covers every schedule that does not idle a who
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ from lmexec.tessel.placement import Placement
 from lmexec.tessel.schedule import Schedule
 from lmexec.tessel.search import repetend as rp
 from lmexec.tessel.search.completion import Completion, complete, to_schedule
+from lmexec.tessel.search.minimum import single_batch_minimum
 from lmexec.tessel.search.problem import IntProblem
+from lmexec.tessel.search.window import ALL, solve_window
 
 LINEAR_STEPS = 4
 CANDIDATE_SHARE = 0.3  # of the time left, at most, for one period candidate
@@ -209,7 +210,7 @@ def search(
         rep = _fallback(prob)
         proven = min(proven, rep.period) if rep else proven
     if rep is None:
-        raise UserError(_no_schedule_message(prob, log, time_limit))
+        raise UserError(_no_schedule_message(prob, micro_batches, time_limit))
     left = time_limit - (time.perf_counter() - began)
     budget = max(0.2, left) if completion_limit is None else completion_limit
     done: Completion = complete(prob, rep, micro_batches, budget, workers)
@@ -217,6 +218,19 @@ def search(
     schedule = to_schedule(prob, done.starts, micro_batches, f"tessel-{solver}")
     first = min(done.starts.values())
     schedule.repetend = _repetend_window(prob, rep, done, micro_batches, first)
+    problems = schedule.validate()
+    if any(v.kind != "memory" for v in problems):
+        raise RuntimeError(f"internal error: search produced an invalid schedule: {problems[0]}")
+    if problems:  # only for placements whose micro-batches do not give back their memory per device
+        schedule = _exact_fallback(prob, micro_batches, time_limit - (time.perf_counter() - began), workers)
+        if schedule is None:
+            raise UserError(
+                _no_room_message(prob, micro_batches)
+                or f"placement {placement.name!r}: the periodic schedule breaks a limit for "
+                f"{micro_batches} micro-batches ({problems[0].message}) and the direct solver found no "
+                "schedule in time; raise --memory or --time-limit"
+            )
+        done.steps["exact-fallback"] = round(schedule.makespan / float(prob.time.unit))
     schedule.info = {"period": unit(rep.period), "period_lower_bound": unit(proven), "solver": solver}
     return SearchResult(
         placement=placement,
@@ -247,6 +261,17 @@ def _repetend_window(prob, rep, done: Completion, n: int, first: int) -> tuple[f
     return (prob.time.real(t0), prob.time.real(t0 + rep.period))
 
 
+def _exact_fallback(prob: IntProblem, n: int, seconds: float, workers: int) -> Schedule | None:
+    """The whole problem in CP-SAT: used when the periodic schedule is not valid for this N."""
+    tasks = [(i, m) for i in range(prob.size) for m in range(n)]
+    result = solve_window(prob, tasks, {}, ALL, lower_bound=prob.makespan_bound(n),
+                          time_limit=max(1.0, seconds), workers=workers)  # fmt: skip
+    if result.starts is None:
+        return None
+    schedule = to_schedule(prob, result.starts, n, "tessel-direct")
+    return None if schedule.validate() else schedule
+
+
 def _fallback(prob: IntProblem) -> rp.Repetend | None:
     """One micro-batch after another in topological order, if that fits the memory."""
     start, clock = [0] * prob.size, 0
@@ -264,20 +289,34 @@ def _fallback(prob: IntProblem) -> rp.Repetend | None:
     return rp.Repetend(clock, tuple(start))
 
 
-def _no_schedule_message(prob: IntProblem, log, time_limit: float) -> str:
+def _no_room_message(prob: IntProblem, n: int) -> str | None:
+    """Why the memory cannot hold the work: the device and the least memory it would need."""
     placement = prob.placement
-    if log and log[-1][1] == rp.INFEASIBLE and log[-1][0] >= sum(prob.duration):
-        worst = [
-            f"device {d} (capacity {placement.capacity[d]:g}, one micro-batch needs at least "
-            f"{placement.min_peak_memory[d]:g})"
-            for d in range(placement.num_devices)
-            if math.isfinite(placement.capacity[d])
-        ]
-        return (
-            f"placement {placement.name!r}: no schedule fits the memory limits, not even one micro-batch at a "
-            f"time; check {'; '.join(worst)}"
-        )
+    for d in range(placement.num_devices):
+        if not prob.limited(d):
+            continue
+        need = single_batch_minimum(prob, d)
+        if need is not None and need > placement.capacity[d] + 1e-9:
+            return (
+                f"placement {placement.name!r}: one micro-batch alone needs memory {need:g} on device {d} "
+                f"but its capacity is {placement.capacity[d]:g}"
+            )
+        keep = prob.memory.real(prob.net[d])
+        total = placement.static_memory[d] + n * keep
+        if prob.net[d] > 0 and total > placement.capacity[d] + 1e-9:
+            return (
+                f"placement {placement.name!r}: each micro-batch keeps memory {keep:g} on device {d}; "
+                f"{n} micro-batches need at least {total:g} there but its capacity is "
+                f"{placement.capacity[d]:g}"
+            )
+    return None
+
+
+def _no_schedule_message(prob: IntProblem, n: int, time_limit: float) -> str:
+    reason = _no_room_message(prob, n)
+    if reason:
+        return reason
     return (
-        f"placement {placement.name!r}: no repetend found within the time limit of {time_limit:g} s; "
+        f"placement {prob.placement.name!r}: no schedule found within the time limit of {time_limit:g} s; "
         "raise --time-limit or the memory limit"
     )

@@ -1,0 +1,131 @@
+"""Tessel search: periods at the work bound, near the exact optimum, never worse than baselines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lmexec.errors import UserError
+from lmexec.tessel.baselines import applicable_baselines
+from lmexec.tessel.search import search
+from lmexec.tessel.search.exact import solve_exact
+from lmexec.tessel.search.problem import IntProblem
+from lmexec.tessel.search.repetend import INFEASIBLE, solve_repetend_cpsat
+from lmexec.tessel.shapes import build_placement
+
+FAST = {"time_limit": 4.0, "completion_limit": 0.5}
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+@pytest.mark.parametrize("shape", ["vshape", "xshape", "kshape", "zerobubble", "mshape"])
+def test_period_equals_work_bound(shape: str, devices: int) -> None:
+    """Memory = device count; mshape needs more to reach its bound (D + 2 at 4, D + 4 at 8 devices)."""
+    memory = devices + (devices // 2 if shape == "mshape" else 0)
+    placement = build_placement(shape, devices, capacity=memory)
+    result = search(placement, 2 * devices, **FAST)
+    assert result.period == placement.max_work
+    assert result.period_optimal
+    assert result.schedule.validate() == []
+    assert max(result.schedule.metrics().peak_memory) <= memory
+
+
+def test_tight_memory_period_is_proven() -> None:
+    """mshape on 4 devices with memory 4: no repetend at the work bound 6; 7 is proven optimal."""
+    placement = build_placement("mshape", 4, capacity=4)
+    prob = IntProblem.build(placement)
+    assert solve_repetend_cpsat(prob, 6, 10.0).status == INFEASIBLE
+    result = search(placement, 8, **FAST)
+    assert result.period == 7 and result.period_bound == 7 and result.period_optimal
+
+
+@pytest.mark.parametrize("shape", ["vshape", "mshape", "kshape", "zerobubble", "finetune", "alphafold"])
+def test_close_to_exact_optimum(shape: str) -> None:
+    devices, n = 2, 8
+    placement = build_placement(shape, devices, capacity=devices)
+    result = search(placement, n, time_limit=4.0, completion_limit=2.0)
+    exact = solve_exact(placement, n, time_limit=8.0)
+    if not exact.optimal:
+        pytest.skip("exact solver did not prove optimality in time")
+    assert exact.schedule.validate() == []
+    assert result.makespan <= 1.05 * exact.makespan + 1e-9
+    assert result.makespan >= exact.bound - 1e-9
+
+
+@pytest.mark.parametrize("shape", ["vshape", "xshape", "zerobubble", "mshape", "kshape", "interleaved"])
+def test_never_worse_than_valid_baselines(shape: str) -> None:
+    devices = 4
+    memory = 2 * devices if shape == "interleaved" else devices
+    placement = build_placement(shape, devices, capacity=memory)
+    n = 2 * devices
+    result = search(placement, n, time_limit=6.0, completion_limit=1.0)
+    for name, baseline in applicable_baselines(placement, n).items():
+        if not baseline.validate():  # the baseline fits the same memory
+            assert result.makespan <= baseline.makespan + 1e-9, name
+
+
+def test_inference_minimises_latency() -> None:
+    placement = build_placement("kshape", 4)
+    result = search(placement, 8, inference=True, **FAST)
+    assert result.placement.is_inference
+    assert result.schedule.validate() == []
+    assert result.makespan == pytest.approx(result.makespan_bound)
+
+
+def test_float_durations_and_memory_map_back_exactly() -> None:
+    placement = build_placement(
+        "vshape",
+        4,
+        capacity=4 * 1.5e9,
+        overrides={"F": {"duration": 1.25, "memory": 1.5e9}, "B": {"duration": 2.5, "memory": -1.5e9}},
+    )
+    result = search(placement, 8, **FAST)
+    assert result.schedule.validate() == []
+    assert result.period == pytest.approx(placement.max_work)
+
+
+def test_profiled_like_floats_are_rounded_safely() -> None:
+    placement = build_placement(
+        "vshape",
+        4,
+        capacity=4 * 1.000123e9,
+        overrides={
+            "F": {"duration": 1.2345678, "memory": 1.000123e9},
+            "B": {"duration": 3.3333331, "memory": -1.000123e9},
+        },
+    )
+    result = search(placement, 8, **FAST)
+    assert result.schedule.validate() == []
+    assert result.makespan >= placement.makespan_lower_bound(8) - 1e-9
+    assert result.period <= placement.max_work * 1.01
+
+
+def test_one_micro_batch_and_n_smaller_than_in_flight() -> None:
+    placement = build_placement("xshape", 4, capacity=4)
+    for n in (1, 2, 3):
+        result = search(placement, n, **FAST)
+        assert result.schedule.validate() == []
+        assert result.schedule.num_micro_batches == n
+
+
+def test_infeasible_memory_names_device_and_minimum() -> None:
+    with pytest.raises(UserError, match=r"needs memory 2 on device 0"):
+        build_placement("kshape", 4, capacity=1)
+
+
+def test_bad_arguments() -> None:
+    placement = build_placement("vshape", 2)
+    with pytest.raises(UserError, match="micro-batch count"):
+        search(placement, 0)
+    with pytest.raises(UserError, match="unknown solver"):
+        search(placement, 2, solver="gurobi")
+
+
+def test_result_dict_is_complete() -> None:
+    result = search(build_placement("vshape", 4, capacity=4), 8, **FAST)
+    data = result.to_dict()
+    for key in ("period", "period_lower_bound", "period_optimal", "makespan", "makespan_lower_bound",
+                "steady_bubble_rate", "peak_memory", "search_seconds"):  # fmt: skip
+        assert key in data
+    assert data["steady_bubble_rate"] == 0
+    assert math.isclose(data["makespan"], 4 * (8 + 3))
