@@ -26,7 +26,9 @@ from lmexec.tessel.search.window import ALL, solve_window
 LINEAR_STEPS = 4
 CANDIDATE_SHARE = 0.3  # of the time left, at most, for one period candidate
 CANDIDATE_MIN = 0.5  # seconds
-SPAN_SHARE = 0.15  # of the time limit, at most, to minimise the final repetend's span
+SPAN_SHARE = 0.15
+COMPLETION_SHARE = 0.1  # of the time limit for the warm-up/cool-down solves (they stop early when optimal)
+COMPLETION_MIN = 1.0  # of the time limit, at most, to minimise the final repetend's span
 REPETEND_SHARE = 0.7  # of the time limit; the rest (at least) goes to completion
 
 Solver = Callable[..., rp.Outcome]
@@ -212,7 +214,9 @@ def search(
     if rep is None:
         raise UserError(_no_schedule_message(prob, micro_batches, time_limit))
     left = time_limit - (time.perf_counter() - began)
-    budget = max(0.2, left) if completion_limit is None else completion_limit
+    if completion_limit is None:
+        completion_limit = min(max(0.2, left), max(COMPLETION_MIN, COMPLETION_SHARE * time_limit))
+    budget = completion_limit
     done: Completion = complete(prob, rep, micro_batches, budget, workers)
     unit = prob.time.real
     schedule = to_schedule(prob, done.starts, micro_batches, f"tessel-{solver}")
