@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from lmexec.errors import UserError
-
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -137,6 +135,3 @@ def _fidelity(args: argparse.Namespace) -> int:
 
         console.print(f"wrote {plot_mass_recall(result, args.png)}")
     return 0
-
-
-__all__ = ["register", "UserError"]
