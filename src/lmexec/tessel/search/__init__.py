@@ -1,5 +1,5 @@
 """Tessel schedule search: repetend (modulo scheduling), completion, driver, exact reference solver."""
 
-from lmexec.tessel.search.driver import SearchResult, search
+from lmexec.tessel.search.driver import SearchResult, schedule_for, search
 
-__all__ = ["SearchResult", "search"]
+__all__ = ["SearchResult", "schedule_for", "search"]

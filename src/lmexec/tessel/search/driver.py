@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmexec.errors import UserError
+from lmexec.tessel.baselines import applicable_baselines
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.schedule import Schedule
 from lmexec.tessel.search import repetend as rp
@@ -175,9 +176,9 @@ def find_repetend(
             hi = mid
         else:
             lo = mid
-    if left() > 0 and solver == "cpsat":
-        tuned = rp.solve_repetend_cpsat(
-            prob, best.period, min(left(), max(CANDIDATE_MIN, time_limit * SPAN_SHARE)), workers,
+    if left() > 0:
+        tuned = solve(
+            prob, best.period, min(left(), max(CANDIDATE_MIN, time_limit * SPAN_SHARE)), workers=workers,
             optimize=True, hint=best,
         )  # fmt: skip
         if tuned.repetend is not None and tuned.repetend.span(prob) <= best.span(prob):
@@ -196,8 +197,14 @@ def search(
     workers: int = 2,
     progress: Progress | None = None,
     completion_limit: float | None = None,
+    portfolio: bool = True,
 ) -> SearchResult:
-    """Search a repetend and complete it for ``micro_batches``; raises UserError when nothing fits."""
+    """Search a repetend and complete it for ``micro_batches``; raises UserError when nothing fits.
+
+    With ``portfolio`` the result is never worse than an applicable baseline that fits the memory:
+    when one is faster for this N (e.g. GPipe's latency for short inference batches, which no
+    periodic schedule reaches), it is returned instead and ``completion_steps`` says so.
+    """
     if micro_batches < 1:
         raise UserError("the micro-batch count must be at least 1")
     if time_limit <= 0:
@@ -235,6 +242,9 @@ def search(
                 "schedule in time; raise --memory or --time-limit"
             )
         done.steps["exact-fallback"] = round(schedule.makespan / float(prob.time.unit))
+    chosen = None
+    if portfolio:
+        schedule, chosen = _best_of_baselines(schedule)
     schedule.info = {"period": unit(rep.period), "period_lower_bound": unit(proven), "solver": solver}
     return SearchResult(
         placement=placement,
@@ -251,7 +261,8 @@ def search(
         completion_seconds=done.seconds,
         in_flight=rep.in_flight(prob),
         candidates=[Candidate(unit(p), s, t) for p, s, t in log],
-        completion_steps={k: unit(v) for k, v in done.steps.items()},
+        completion_steps={k: unit(v) for k, v in done.steps.items()}
+        | ({f"baseline {chosen.name}": chosen.makespan} if chosen else {}),
     )
 
 
@@ -263,6 +274,18 @@ def _repetend_window(prob, rep, done: Completion, n: int, first: int) -> tuple[f
         return None
     t0 = min(done.starts[(i, kmax - k)] for i, k in enumerate(offsets)) - first
     return (prob.time.real(t0), prob.time.real(t0 + rep.period))
+
+
+def _best_of_baselines(schedule: Schedule) -> tuple[Schedule, Schedule | None]:
+    """The composed schedule, or a faster valid baseline for the same placement, memory and N."""
+    best = schedule
+    for candidate in applicable_baselines(schedule.placement, schedule.num_micro_batches).values():
+        if candidate.makespan < best.makespan - 1e-9 and not candidate.validate():
+            best = candidate
+    if best is schedule:
+        return schedule, None
+    named = Schedule(best.placement, best.num_micro_batches, best.tasks, f"{schedule.name} ({best.name})")
+    return named, best
 
 
 def _exact_fallback(prob: IntProblem, n: int, seconds: float, workers: int) -> Schedule | None:
@@ -324,3 +347,25 @@ def _no_schedule_message(prob: IntProblem, n: int, time_limit: float) -> str:
         f"placement {prob.placement.name!r}: no schedule found within the time limit of {time_limit:g} s; "
         "raise --time-limit or the memory limit"
     )
+
+
+def schedule_for(
+    result: SearchResult,
+    micro_batches: int,
+    time_limit: float = 2.0,
+    workers: int = 2,
+    portfolio: bool = True,
+) -> Schedule:
+    """Another micro-batch count on the same repetend: only the completion runs again."""
+    prob = IntProblem.build(result.placement)
+    done = complete(prob, result.repetend, micro_batches, time_limit, workers)
+    schedule = to_schedule(prob, done.starts, micro_batches, f"tessel-{result.solver}")
+    problems = schedule.validate()
+    if problems:
+        fallback = _exact_fallback(prob, micro_batches, time_limit, workers)
+        if fallback is None:
+            raise UserError(
+                _no_room_message(prob, micro_batches) or f"no valid schedule: {problems[0].message}"
+            )
+        schedule = fallback
+    return _best_of_baselines(schedule)[0] if portfolio else schedule
