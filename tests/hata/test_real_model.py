@@ -59,27 +59,36 @@ def test_texts_are_real_and_disjoint():
 
 
 def test_fidelity_cli_end_to_end(smollm2, tmp_path, capsys):
+    from lmexec.hata.codes import random_projection
+    from lmexec.hata.weights import save_hash_weights
+
+    # a weights file holding exactly SimHash's projections: the 'hata' row must equal the 'simhash' row
+    weights = tmp_path / "w.safetensors"
+    save_hash_weights(
+        weights, {layer: random_projection(3, 64, 128, seed=layer) for layer in range(2, 30)}, 30
+    )
     out_json, out_png = tmp_path / "f.json", tmp_path / "f.png"
-    args = [
-        "hata",
-        "fidelity",
-        "--context",
-        "512",
-        "--budget",
-        "64",
-        "--budgets",
-        "32,512",
-        "--positions",
-        "8",
-    ]
-    args += ["--methods", "dense,oracle,simhash,loki,quest,sparq", "--bits", "128"]
+    args = "hata fidelity --context 512 --budget 64 --budgets 32,512 --positions 8 --bits 128".split()
+    args += ["--methods", "dense,oracle,simhash,hata,loki,quest,sparq", "--hata-weights", str(weights)]
     assert main([*args, "--json", str(out_json), "--png", str(out_png)]) == 0
     printed = capsys.readouterr().out
     assert "HATA fidelity" in printed and "sparq@16B" in printed
     assert out_png.stat().st_size > 10_000
     result = json.loads(out_json.read_text())
     table = {row["label"]: row for row in result["table"]}
-    assert set(table) == {"dense", "oracle", "simhash", "loki", "loki@16B", "quest", "sparq", "sparq@16B"}
+    assert set(table) == {
+        "dense",
+        "oracle",
+        "simhash",
+        "hata",
+        "loki",
+        "loki@16B",
+        "quest",
+        "sparq",
+        "sparq@16B",
+    }
+    for key in ("recall", "mass_recall", "output_error", "selection_bytes_per_token"):
+        assert table["hata"][key] == table["simhash"][key]
     assert result["layers"] == list(range(2, 30)) and len(result["positions"]) == 8
     assert all(384 <= p < 512 for p in result["positions"])
     assert table["dense"]["mass_recall"] == pytest.approx(1.0) and table["dense"]["output_error"] < 1e-5
