@@ -120,11 +120,15 @@ class LayerCache:
         self.value_buffer.append(values)
         return start
 
-    def extra(self, name: str, features: int, dtype: torch.dtype) -> GrowableBuffer:
-        """The feature buffer ``name`` (created empty, with the K buffer's capacity, on first use)."""
+    def extra(
+        self, name: str, features: int, dtype: torch.dtype, rows_per_token: float = 1.0
+    ) -> GrowableBuffer:
+        """The feature buffer ``name``, created empty on first use with room for the K buffer's capacity
+        (times ``rows_per_token``: Quest keeps one row per page)."""
         buffer = self.extras.get(name)
         if buffer is None:
             b, h, capacity, _ = self.key_buffer.data.shape
-            buffer = GrowableBuffer(b, h, features, dtype, self.key_buffer.data.device, capacity)
+            rows = max(1, int(capacity * rows_per_token) + 1)
+            buffer = GrowableBuffer(b, h, features, dtype, self.key_buffer.data.device, rows)
             self.extras[name] = buffer
         return buffer

@@ -39,8 +39,8 @@ class Quest(SelectionMethod):
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.keys
         d = keys.shape[-1]
-        lo_buf = cache.extra("quest_min", d, keys.dtype)
-        hi_buf = cache.extra("quest_max", d, keys.dtype)
+        lo_buf = cache.extra("quest_min", d, keys.dtype, rows_per_token=1 / self.page)
+        hi_buf = cache.extra("quest_max", d, keys.dtype, rows_per_token=1 / self.page)
         first_page = start // self.page  # the last page may have been partial: recompute it
         first = first_page * self.page
         chunk = keys[:, :, first:]
