@@ -129,3 +129,19 @@ def test_result_dict_is_complete() -> None:
         assert key in data
     assert data["steady_bubble_rate"] == 0
     assert math.isclose(data["makespan"], 4 * (8 + 3))
+
+
+@pytest.mark.parametrize("shape, memory, period", [("vshape", 4, 4), ("mshape", 4, 7), ("kshape", 6, 6)])
+def test_z3_backend_agrees_with_cpsat(shape: str, memory: int, period: int) -> None:
+    placement = build_placement(shape, 4, capacity=memory)
+    result = search(placement, 8, solver="z3", time_limit=8.0, completion_limit=0.5)
+    assert result.period == period and result.period_optimal
+    assert result.schedule.validate() == []
+
+
+def test_other_micro_batch_counts_reuse_the_repetend() -> None:
+    from lmexec.tessel.search import schedule_for
+
+    result = search(build_placement("vshape", 4, capacity=4), 8, **FAST)
+    long = schedule_for(result, 64, time_limit=0.5)
+    assert long.validate() == [] and long.makespan == 4 * (64 + 3)

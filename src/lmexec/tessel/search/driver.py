@@ -158,11 +158,12 @@ def find_repetend(
 
     period, step, last_miss = low, 1, low - 1
     while period <= top and left() > 0:
-        if attempt(period).repetend is not None:
+        outcome = attempt(period)
+        if outcome.repetend is not None:
             break
         last_miss = period
-        if len(log) >= LINEAR_STEPS:
-            step *= 2
+        if len(log) >= LINEAR_STEPS and outcome.status == rp.INFEASIBLE:
+            step *= 2  # proven gaps grow fast; an unsettled (timed-out) period says nothing, so go on slowly
         period = min(top, period + step) if period < top else top + 1
     if best is None:
         return None, proven, log

@@ -18,17 +18,22 @@ The objective minimises one micro-batch's span (max end), which is the unrolled 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from lmexec.tessel.search.problem import IntProblem
+from lmexec.tessel.search.problem import NO_LIMIT, IntProblem
 
 FEASIBLE = "feasible"
 OPTIMAL = "optimal"  # span proven minimal for this period
 INFEASIBLE = "infeasible"
 UNKNOWN = "unknown"
+PLAIN_SHARE = 0.4  # of a candidate's time for the model without a hint
+WARM_SHARE = 0.2  # of a candidate's time for the memory-free warm start
+WARM_MAX = 2.0
+WARM_MIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class Repetend:
         return tuple(peaks)
 
 
+NO_HINT = Repetend(0, ())  # sentinel: solve without a hint and without the warm start
+
+
 @dataclass(frozen=True)
 class Outcome:
     """A solver's answer for one period: status, the repetend when one was found, seconds spent."""
@@ -99,6 +107,20 @@ def solve_repetend_cpsat(
     began = time.perf_counter()
     if any(d > period for d in prob.duration) or max(prob.work) > period:
         return Outcome(INFEASIBLE, None, 0.0)
+    if hint is None and _memory_bound(prob) and time_limit > 3 * WARM_MIN:
+        # Plain first (infeasibility proofs are often quick); if unsettled, the most compact repetend
+        # without memory limits, which usually fits them, becomes the hint for a second try.
+        first = solve_repetend_cpsat(prob, period, PLAIN_SHARE * time_limit, workers, seed, optimize, NO_HINT)
+        if first.status != UNKNOWN:
+            return first
+        free = dataclasses.replace(prob, capacity=(NO_LIMIT,) * prob.num_devices)
+        pre = solve_repetend_cpsat(free, period, min(WARM_SHARE * time_limit, WARM_MAX), workers, seed, True)
+        if pre.status == INFEASIBLE:
+            return Outcome(INFEASIBLE, None, time.perf_counter() - began)
+        hint = pre.repetend
+        time_limit -= time.perf_counter() - began
+    if hint is NO_HINT:
+        hint = None
     model = cp_model.CpModel()
     top = horizon(prob, period)
     n = prob.size
@@ -156,6 +178,14 @@ def solve_repetend_cpsat(
     return Outcome(UNKNOWN, None, seconds)
 
 
+def _memory_bound(prob: IntProblem) -> bool:
+    """Whether any device gets steady-state memory constraints."""
+    return any(
+        prob.limited(d) and prob.net[d] == 0 and any(prob.delta[i] > 0 for i in on)
+        for d, on in enumerate(prob.on_device)
+    )
+
+
 def _add_steady_memory(model: cp_model.CpModel, prob: IntProblem, phase: list, offset: list) -> None:
     """Steady-state memory after each allocating block starts, on memory-neutral limited devices."""
     before: dict[tuple[int, int], cp_model.IntVar] = {}
@@ -172,7 +202,7 @@ def _add_steady_memory(model: cp_model.CpModel, prob: IntProblem, phase: list, o
         return flag if b == key[1] else ~flag
 
     for d, on in enumerate(prob.on_device):
-        if not prob.limited(d) or prob.net[d] != 0 or not any(prob.delta[i] > 0 for i in on):
+        if not (prob.limited(d) and prob.net[d] == 0 and any(prob.delta[i] > 0 for i in on)):
             continue
         base = prob.static[d] - sum(prob.delta[b] * offset[b] for b in on if prob.delta[b])
         for a in on:
