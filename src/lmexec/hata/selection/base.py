@@ -38,9 +38,20 @@ def top_k_indices(scores: torch.Tensor, budget: Budget, valid: torch.Tensor | No
     return torch.topk(ranked, k, dim=-1, sorted=False).indices
 
 
-def group_softmax_sum(logits: torch.Tensor) -> torch.Tensor:
-    """``[B, H_kv, G, N]`` logits -> ``[B, H_kv, N]``: softmax per query head, summed over the group."""
-    return torch.softmax(logits.float(), dim=-1).sum(dim=2)
+VALID_STATE = "valid"
+"""``LayerCache.state`` key of an optional bool ``[B, N]`` mask of real (non-padding) keys, set by callers
+that decode padded batches (the transformers integration); softmax-based scores then ignore padding."""
+
+
+def group_softmax_sum(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, H_kv, G, N]`` logits -> ``[B, H_kv, N]``: softmax per query head, summed over the group.
+
+    ``valid`` (bool ``[B, N]``, optional) leaves padding out of the softmax normalisation.
+    """
+    logits = logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=2)
 
 
 class SelectionMethod(ABC):
