@@ -247,6 +247,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _register_extensions(sub: argparse._SubParsersAction) -> None:
     """Subcommands that live in their own modules (search, ...)."""
+    __import__("lmexec.tessel.runtime.cli", fromlist=["register_train"]).register_train(sub)
     try:
         from lmexec.tessel.search.cli import register_search
     except ImportError:

@@ -120,7 +120,7 @@ def launch(worker: Worker, world: int, *args: Any, timeout: float = 600.0, grace
             how = f"signal {error.signal_name}" if error.signal_name else f"exit code {error.exit_code}"
             others = [r for r in range(world) if r != error.error_index]
             raise RankFailure(
-                f"rank {error.error_index} died ({how}, pid {error.pid}); stopped rank(s) {others}",
+                f"rank {error.error_index} died ({how}, pid {error.error_pid}); stopped rank(s) {others}",
                 error.error_index,
                 pids,
             ) from None

@@ -79,16 +79,20 @@ _EXPECTED_SIGNATURES: dict[str, tuple[str, ...]] = {
         "last_backward",
     ),  # fmt: skip
     "stage._PipelineStageBase.backward_weight_one_chunk": ("self", "bwd_chunk_id", "last_backward"),
+    "_backward.stage_backward": ("stage_output", "output_grads", "input_values"),
+    "_backward.stage_backward_input": ("stage_outputs_or_loss", "output_grads", "input_values", "weights"),
+    "_backward.stage_backward_weight": ("weights", "param_groups"),
 }
 _EXPECTED_TYPES = {"F": "FORWARD", "B": "FULL_BACKWARD", "I": "BACKWARD_INPUT", "W": "BACKWARD_WEIGHT"}
 
 
 def _resolve(dotted: str) -> Any:
+    import torch.distributed.pipelining._backward as backward
     import torch.distributed.pipelining.schedules as schedules
     import torch.distributed.pipelining.stage as stage
 
     module_name, *attrs = dotted.split(".")
-    obj: Any = {"schedules": schedules, "stage": stage}[module_name]
+    obj: Any = {"schedules": schedules, "stage": stage, "_backward": backward}[module_name]
     for attr in attrs:
         obj = getattr(obj, attr)
     return obj
@@ -409,6 +413,48 @@ def actions_csv(actions: Actions) -> str:
     return "".join(",".join(actions[r]) + "\n" for r in sorted(actions))
 
 
+# ---- the runtime's backward, for the profiler ----------------------------------------------------
+def backward_functions(
+    module: nn.Module,
+    output: torch.Tensor,
+    output_grad: torch.Tensor | None,
+    inputs: torch.Tensor,
+    first: bool,
+) -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """(full, input-gradient, weight-gradient) closures computing exactly what the runtime runs for
+    B, I and W of one stage, so profiled times predict executed times. ``output`` is the loss on the
+    last stage (``output_grad`` None). Call either ``full`` or ``input`` then ``weight``.
+
+    As in torch's stage: the first stage has no input gradient, so its I does nothing and its W is
+    the whole backward; other stages split with ``stage_backward_input`` / ``stage_backward_weight``.
+    """
+    from torch.distributed.pipelining._backward import (
+        stage_backward,
+        stage_backward_input,
+        stage_backward_weight,
+    )
+
+    grads = None if output_grad is None else [output_grad]
+    # as the runtime passes them: the loss as a bare tensor, other outputs as a tuple with their grads
+    whole = (output, None) if output_grad is None else ((output,), (output_grad,))
+    state: dict[str, Any] = {}
+
+    def full() -> None:
+        stage_backward(whole[0], whole[1], [inputs])
+
+    def input_part() -> None:
+        if not first:
+            state["groups"] = stage_backward_input([output], grads, [inputs], module.parameters())[1]
+
+    def weight_part() -> None:
+        if first:
+            stage_backward(whole[0], whole[1], [inputs])
+        else:
+            stage_backward_weight(module.parameters(), state.pop("groups"))
+
+    return full, input_part, weight_part
+
+
 # ---- execution ---------------------------------------------------------------------------------------
 @dataclass
 class Event:
@@ -531,5 +577,5 @@ def stage_ranks(chain: StageChain) -> dict[int, list[int]]:
 
 __all__: Sequence[str] = (
     "TORCH_SERIES", "Actions", "Event", "PipelineRun", "ScheduleExportError", "StageChain", "actions_csv",
-    "api_problems", "export_actions", "require_api", "stage_chain", "stage_ranks", "validate_actions",
+    "api_problems", "backward_functions", "export_actions", "require_api", "stage_chain", "stage_ranks", "validate_actions",
 )  # fmt: skip

@@ -1,0 +1,267 @@
+"""``lmexec tessel train`` and ``lmexec tessel profile``: profile a GPT, plan, run on torch.distributed.
+
+``train`` profiles the model's stages (or reads a profiled placement JSON), plans every requested
+schedule on that one placement, spawns one process per device (or runs as one rank under
+``torchrun``), trains, and prints loss, step time and measured vs predicted makespan per schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from lmexec.errors import UserError
+from lmexec.reporting import console, print_table, write_json
+from lmexec.tessel.placement import Placement
+from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, synthetic_batch
+from lmexec.tessel.runtime.profile import (
+    SHAPES,
+    StageProfile,
+    profile_stages,
+    profiled_placement,
+    stage_count,
+)
+
+DEFAULT_SCHEDULES = "searched,1f1b,gpipe"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _split(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer counts per stage like 3,5, got {text!r}") from None
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", "-d", type=_positive, default=2, help="processes / devices (default 2)")
+    p.add_argument(
+        "--placement",
+        "-p",
+        default="zerobubble",
+        help=f"{', '.join(SHAPES)} (profiled now) or a profiled JSON",
+    )
+    p.add_argument(
+        "--chunks", type=_positive, default=2, help="stages per device for interleaved (default 2)"
+    )
+    p.add_argument("--layers", type=_positive, default=8, help="decoder layers (default 8)")
+    p.add_argument("--hidden", type=_positive, default=256, help="model width (default 256)")
+    p.add_argument("--heads", type=_positive, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=_positive, default=512, help="vocabulary size (default 512)")
+    p.add_argument("--seq-len", type=_positive, default=64, help="sequence length (default 64)")
+    p.add_argument(
+        "--micro-batch-size", type=_positive, default=2, help="sequences per micro-batch (default 2)"
+    )
+    p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
+    p.add_argument("--warmup", type=int, default=2, help="profiling warm-up runs (default 2)")
+    p.add_argument("--repeats", type=_positive, default=5, help="profiling runs, median taken (default 5)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch threads per rank (default 1)")
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``profile`` to ``lmexec tessel``."""
+    p = sub.add_parser(
+        "train", help="profile a GPT, plan schedules, run them on torch.distributed (gloo/NCCL)"
+    )
+    _model_args(p)
+    p.add_argument(
+        "--micro-batches", "-n", type=_positive, default=8, help="micro-batches per step (default 8)"
+    )
+    p.add_argument("--steps", type=_positive, default=10, help="training steps per schedule (default 10)")
+    p.add_argument(
+        "--schedule", "-s", default=DEFAULT_SCHEDULES,
+        help=f"comma list of searched, 1f1b, gpipe, interleaved, zbh1 (default {DEFAULT_SCHEDULES})",
+    )  # fmt: skip
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--time-limit", type=float, default=20.0, help="search seconds (default 20)")
+    p.add_argument("--timeout", type=float, default=900.0, help="stop every rank after this many seconds")
+    p.add_argument("--json", help="write config, placement, plans and measurements as JSON")
+    p.add_argument("--trace", help="Chrome trace: planned and measured timeline per schedule")
+    p.add_argument("--png", help="planned vs measured Gantt picture (.png/.svg)")
+    p.add_argument("--profile-out", help="write the profiled placement JSON (input of lmexec tessel search)")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("profile", help="profile a GPT's stages into a placement JSON")
+    _model_args(p)
+    p.add_argument("--out", "-o", required=True, help="placement JSON to write")
+    p.add_argument("--json", help="write the per-stage measurements as JSON")
+    p.set_defaults(handler=cmd_profile)
+
+
+# ---- shared steps ---------------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> GPTConfig:
+    return GPTConfig(args.layers, args.hidden, args.heads, args.vocab, args.seq_len)
+
+
+def _profile(args: argparse.Namespace, shape: str) -> tuple[Placement, list[StageProfile]]:
+    cfg = _config(args)
+    n_stages = stage_count(shape, args.devices, args.chunks)
+    stages = build_gpt_stages(cfg, n_stages, args.split, args.seed)
+    inputs, targets = synthetic_batch(cfg, args.micro_batch_size, step=0, seed=args.seed)
+    with console.status(f"profiling {n_stages} stages ..."):
+        profiles = profile_stages(
+            stages, inputs, targets, lm_loss, warmup=args.warmup, repeats=args.repeats, threads=args.threads
+        )
+    return profiled_placement(profiles, shape, args.devices, chunks=args.chunks), profiles
+
+
+def _print_profiles(profiles: list[StageProfile]) -> None:
+    print_table(
+        "stage profile (one micro-batch, median; ms and MB)",
+        ["stage", "F", "B", "I", "W", "I+W", "activations", "kept for W", "params", "static"],
+        [[p.stage, p.forward_ms, p.backward_ms, p.input_grad_ms, p.weight_grad_ms, p.input_grad_ms + p.weight_grad_ms,
+          p.activation_mb, p.weight_grad_mb, p.param_mb, p.static_mb] for p in profiles],
+    )  # fmt: skip
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.placement not in SHAPES:
+        raise UserError(f"--placement must be one of {', '.join(SHAPES)} to profile")
+    placement, profiles = _profile(args, args.placement)
+    _print_profiles(profiles)
+    placement.to_json(args.out)
+    console.print(f"placement JSON: {args.out} (try: lmexec tessel search -p {args.out})")
+    if args.json:
+        write_json(args.json, {"model": _config(args).to_dict(), "profiles": [p.to_dict() for p in profiles]})
+    return 0
+
+
+@dataclass
+class _Prepared:
+    placement: Placement
+    profiles: list[StageProfile]
+    plans: list[Any]
+    job: Any
+
+
+def _prepare(args: argparse.Namespace) -> _Prepared:
+    """Profile (or load), plan and export every schedule; everything a run needs, checked up front."""
+    from lmexec.tessel.runtime.pipelining_adapter import require_api, stage_chain
+    from lmexec.tessel.runtime.plan import parse_schedules, plan_runs
+    from lmexec.tessel.runtime.train import TrainJob
+
+    require_api()
+    names = parse_schedules(args.schedule)
+    cfg = _config(args)
+    if args.placement in SHAPES:
+        placement, profiles = _profile(args, args.placement)
+        if args.profile_out:
+            placement.to_json(args.profile_out)
+            console.print(f"profiled placement: {args.profile_out}")
+    else:
+        placement, profiles = Placement.load(args.placement), []
+        if placement.num_devices != args.devices:
+            raise UserError(
+                f"{args.placement} has {placement.num_devices} devices but --devices is {args.devices}"
+            )
+    num_stages = stage_chain(placement).num_stages
+    if num_stages > cfg.layers + 2:
+        raise UserError(
+            f"{num_stages} stages need at least {num_stages - 2} layers; got --layers {cfg.layers}"
+        )
+    with console.status("planning schedules ..."):
+        plans = plan_runs(placement, names, args.micro_batches, args.time_limit)
+    job = TrainJob(
+        cfg, tuple(p.spec for p in plans), args.micro_batches, args.micro_batch_size, args.steps, args.seed,
+        args.lr, args.split,
+    )  # fmt: skip
+    return _Prepared(placement, profiles, plans, job)
+
+
+def _torchrun_body(ctx: Any, args: argparse.Namespace) -> tuple[_Prepared, list[Any]] | None:
+    """Under torchrun: rank 0 profiles and plans, every rank gets the same job, all train."""
+    import torch.distributed as dist
+
+    from lmexec.tessel.runtime.train import train_worker
+
+    box: list[Any] = [_prepare(args) if ctx.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    prepared: _Prepared = box[0]
+    results = train_worker(ctx, prepared.job)
+    return (prepared, results) if ctx.rank == 0 and results is not None else None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmexec.tessel.runtime.launcher import RankFailure, launch, run_in_this_process, torchrun_env
+    from lmexec.tessel.runtime.train import train_worker
+
+    try:
+        if torchrun_env():
+            rank, out = run_in_this_process(_torchrun_body, args, threads=args.threads)
+            if rank != 0 or out is None:
+                return 0
+            prepared, results = out
+        else:
+            prepared = _prepare(args)
+            console.print(
+                f"running {', '.join(p.name for p in prepared.plans)} on {args.devices} processes "
+                f"({args.steps} steps each) ..."
+            )
+            results = launch(
+                train_worker, args.devices, prepared.job, timeout=args.timeout, threads=args.threads
+            )[0]
+    except RankFailure as error:
+        console.print(f"error: {error}", markup=False)
+        return 1
+    _report(args, prepared, results)
+    return 0
+
+
+def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -> None:
+    from lmexec.tessel.runtime.trace import chrome_trace, draw_planned_vs_measured
+
+    if prepared.profiles:
+        _print_profiles(prepared.profiles)
+    rows, payload = [], []
+    for plan, result in zip(prepared.plans, results, strict=True):
+        steady_make = result.steady(result.makespan_ms)
+        rows.append([
+            plan.name if plan.schedule.name in ("", plan.name) else f"{plan.name} = {plan.schedule.name}",
+            f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}", result.steady(result.step_ms),
+            result.steady(result.pipeline_ms), steady_make, plan.predicted_ms, f"{steady_make / plan.predicted_ms:.2f}",
+            f"{plan.schedule.metrics().bubble_rate:.1%}",
+        ])  # fmt: skip
+        payload.append({
+            "name": plan.name, "schedule": plan.schedule.name, "actions": plan.actions,
+            "predicted_makespan_ms": plan.predicted_ms, "planned_bubble_rate": plan.schedule.metrics().bubble_rate,
+            "losses": result.losses, "step_ms": result.step_ms, "pipeline_ms": result.pipeline_ms,
+            "makespan_ms": result.makespan_ms, "steady_step_ms": result.steady(result.step_ms),
+            "steady_makespan_ms": steady_make, "makespan_ratio": steady_make / plan.predicted_ms,
+            "steady_step": result.steady_step(), "events": result.events[result.steady_step()],
+            "planned_tasks": plan.schedule.to_dict()["tasks"],
+        })  # fmt: skip
+    print_table(
+        f"{prepared.placement.name}, {args.devices} ranks, {args.micro_batches} micro-batches x "
+        f"{args.micro_batch_size}, {args.steps} steps (times: median after step 0, ms)",
+        ["schedule", "loss first -> last", "step", "pipeline", "measured makespan", "predicted", "ratio",
+         "planned bubble"],
+        rows,
+    )  # fmt: skip
+    pairs = list(zip(prepared.plans, results, strict=True))
+    if args.trace:
+        console.print(f"chrome trace (planned + measured): {write_json(args.trace, chrome_trace(pairs))}")
+    if args.png:
+        title = (
+            f"{prepared.placement.name}: {args.devices} ranks, {args.layers} layers x {args.hidden}, "
+            f"{args.micro_batches} micro-batches; left planned (profiled ms), right measured"
+        )
+        console.print(f"picture: {draw_planned_vs_measured(pairs, args.png, title)}")
+    if args.json:
+        write_json(args.json, {
+            "model": _config(args).to_dict(), "devices": args.devices, "micro_batches": args.micro_batches,
+            "micro_batch_size": args.micro_batch_size, "steps": args.steps, "threads": args.threads,
+            "placement": prepared.placement.to_dict(), "profiles": [p.to_dict() for p in prepared.profiles],
+            "runs": payload,
+        })  # fmt: skip
+        console.print(f"json: {args.json}")

@@ -1,0 +1,66 @@
+"""From a placement to runnable schedules: search or baselines, then export to action lists.
+
+Every schedule of one comparison uses the same placement (same stage partition), so measured
+differences come from the order alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmexec.errors import UserError
+from lmexec.tessel.baselines import BASELINES, baseline_schedule
+from lmexec.tessel.placement import Placement
+from lmexec.tessel.runtime.pipelining_adapter import Actions, export_actions, stage_chain, validate_actions
+from lmexec.tessel.runtime.train import RunSpec
+from lmexec.tessel.schedule import Schedule
+
+SCHEDULES = ("searched", *BASELINES)
+
+
+@dataclass
+class PlannedRun:
+    """A schedule on the profiled placement (times in ms) and its per-rank actions."""
+
+    name: str
+    schedule: Schedule
+    actions: Actions
+    num_stages: int
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(self.name, self.actions, self.num_stages)
+
+    @property
+    def predicted_ms(self) -> float:
+        return self.schedule.makespan
+
+
+def parse_schedules(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCHEDULES]
+    if not names or unknown:
+        raise UserError(
+            f"unknown schedule(s) {unknown or [text]}; choose from {', '.join(SCHEDULES)} (comma list)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def plan_runs(
+    placement: Placement, names: list[str], micro_batches: int, time_limit: float = 20.0
+) -> list[PlannedRun]:
+    """Build, validate and export each named schedule; a baseline that does not apply is a UserError."""
+    chain = stage_chain(placement)
+    out = []
+    for name in names:
+        if name == "searched":
+            from lmexec.tessel.search.driver import search
+
+            schedule = search(placement, micro_batches, time_limit=time_limit).schedule
+        else:
+            schedule = baseline_schedule(placement, name, micro_batches)
+        schedule.check()
+        actions = export_actions(schedule)
+        validate_actions(actions, chain.num_stages, micro_batches)
+        out.append(PlannedRun(name, schedule, actions, chain.num_stages))
+    return out

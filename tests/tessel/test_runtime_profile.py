@@ -1,0 +1,96 @@
+"""Profiler: measured placements are well-formed and round-trip unchanged into the search (no processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmexec.cli import main
+from lmexec.tessel.block import BlockKind
+from lmexec.tessel.placement import Placement
+from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, split_layers, synthetic_batch
+from lmexec.tessel.runtime.pipelining_adapter import stage_chain
+from lmexec.tessel.runtime.profile import profile_stages, profiled_placement, stage_count
+from lmexec.tessel.search.driver import search
+
+CFG = GPTConfig(layers=4, hidden=32, heads=2, vocab=64, seq_len=8)
+
+
+def _profiles(n_stages: int):
+    stages = build_gpt_stages(CFG, n_stages)
+    inputs, targets = synthetic_batch(CFG, 2, 0)
+    return profile_stages(stages, inputs, targets, lm_loss, warmup=1, repeats=2)
+
+
+@pytest.mark.parametrize("shape", ["vshape", "interleaved", "zerobubble"])
+def test_profiled_placement_round_trips_into_search(shape, tmp_path):
+    devices = 2
+    profiles = _profiles(stage_count(shape, devices))
+    placement = profiled_placement(profiles, shape, devices)
+    path = tmp_path / "profiled.json"
+    placement.to_json(path)
+    loaded = Placement.load(path)
+    assert loaded.to_dict() == placement.to_dict()
+    result = search(loaded, 4, time_limit=5)
+    assert result.schedule.placement.to_dict() == placement.to_dict()
+    assert not result.schedule.validate()
+    assert stage_chain(loaded).num_stages == len(profiles)
+    out = tmp_path / "search.json"
+    assert (
+        main(["tessel", "search", "-p", str(path), "-n", "4", "--time-limit", "5", "--json", str(out)]) == 0
+    )
+    assert json.loads(out.read_text())["search"]["devices"] == devices
+
+
+def test_profile_numbers_make_sense():
+    profiles = _profiles(2)
+    for p in profiles:
+        assert p.forward_ms > 0 and p.backward_ms > 0 and p.weight_grad_ms > 0
+        assert 0 < p.weight_grad_mb <= p.activation_mb
+        assert p.static_mb == pytest.approx(4 * p.param_mb)
+    # the first stage has no input gradient: its I is empty and W does the whole backward (as in torch)
+    assert profiles[0].input_grad_ms < profiles[0].weight_grad_ms
+    placement = profiled_placement(profiles, "zerobubble", 2)
+    for d in range(2):  # a micro-batch gives back on each device all the activation memory it took
+        assert sum(b.memory for b in placement.blocks_on(d)) == pytest.approx(0.0, abs=1e-9)
+    kinds = {b.name[0]: b.kind for b in placement.blocks}
+    assert kinds == {"f": BlockKind.FORWARD, "i": BlockKind.BACKWARD_INPUT, "w": BlockKind.BACKWARD_WEIGHT}
+    assert placement.static_memory == pytest.approx([round(p.static_mb, 3) for p in profiles])
+
+
+def test_profile_cli_writes_a_placement(tmp_path):
+    out = tmp_path / "p.json"
+    args = ["tessel", "profile", "-p", "vshape", "-d", "2", "--layers", "2", "--hidden", "16", "--heads", "2",
+            "--vocab", "32", "--seq-len", "4", "--repeats", "1", "--warmup", "0", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert [b["name"] for b in json.loads(out.read_text())["blocks"]] == ["f0", "f1", "b1", "b0"]
+
+
+def test_layer_split():
+    assert split_layers(8, 3) == [2, 3, 3]
+    assert split_layers(8, 2, [3, 5]) == [3, 5]
+    stages = build_gpt_stages(CFG, 2, [1, 3])
+    assert [len(s.layers) for s in stages] == [1, 3]
+    assert stages[0].embed is not None and stages[1].head is not None
+
+
+def test_train_cli_rejects_bad_requests_before_spawning(capsys):
+    tiny = [
+        "--layers",
+        "2",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--vocab",
+        "32",
+        "--seq-len",
+        "4",
+        "--repeats",
+        "1",
+    ]
+    assert main(["tessel", "train", "-s", "searched,nope", *tiny]) == 2
+    assert "unknown schedule" in capsys.readouterr().err
+    assert main(["tessel", "train", "-p", "zerobubble", "-s", "interleaved", "-n", "4", *tiny]) == 2
+    assert main(["tessel", "train", "-p", "zerobubble", "-d", "2", "--split", "1,2", *tiny]) == 2
