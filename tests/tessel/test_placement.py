@@ -146,3 +146,11 @@ def test_min_peak_memory_is_a_tight_closure_bound():
         {"name": "c", "memory": 1, "duration": 1, "devices": [0]},
     ]}  # fmt: skip
     assert Placement.from_dict(doc).min_peak_memory == (2.0,)  # run a, free, then c: peak 2, not 3
+
+
+def test_min_peak_memory_counts_memory_never_released():
+    doc = {"devices": 1, "blocks": [
+        {"name": "a", "memory": 1, "duration": 1, "devices": [0]},
+        {"name": "c", "memory": 1, "duration": 1, "devices": [0]},
+    ]}  # fmt: skip
+    assert Placement.from_dict(doc).min_peak_memory == (2.0,)

@@ -214,11 +214,11 @@ class Placement:
         When block b starts on device d, a set S of blocks has started that contains b's ancestors,
         excludes b and its descendants, and is closed under dependencies. The least memory S can
         leave on d is a minimum-weight closure problem, solved exactly as a minimum cut; the bound is
-        the largest over b of static + min(S) + delta(b).
+        the largest over b of static + min(S) + delta(b), and at least what stays allocated at the end.
         """
         return tuple(
-            max([self.static_memory[d]] + [self.static_memory[d] + _least_memory_before(self, b, d) + b.memory
-                                           for b in self.blocks_on(d)])
+            max([self.static_memory[d], self.static_memory[d] + sum(b.memory for b in self.blocks_on(d))]
+                + [self.static_memory[d] + _least_memory_before(self, b, d) + b.memory for b in self.blocks_on(d)])
             for d in range(self.num_devices)
         )  # fmt: skip
 
