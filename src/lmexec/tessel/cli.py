@@ -41,26 +41,21 @@ def add_placement_args(parser: argparse.ArgumentParser, *, memory_flag: bool = T
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
-    return load_placement(
-        args.placement,
-        args.devices,
-        inference=args.inference,
-        capacity=getattr(args, "memory", None),
-        static_memory=args.static_memory,
-        **({"overrides": parse_overrides(args.set)} if args.set else {}),
-        **({"chunks": args.chunks} if args.chunks is not None else {}),
-    ) if args.placement in SHAPES else _file_placement(args)  # fmt: skip
-
-
-def _file_placement(args: argparse.Namespace) -> Placement:
-    if args.set or args.chunks is not None:
+    builtin = args.placement in SHAPES
+    if not builtin and (args.set or args.chunks is not None):
         raise UserError("--set and --chunks apply to built-in placements only")
+    extra = {}
+    if builtin and args.set:
+        extra["overrides"] = parse_overrides(args.set)
+    if builtin and args.chunks is not None:
+        extra["chunks"] = args.chunks
     return load_placement(
         args.placement,
         args.devices,
         inference=args.inference,
         capacity=getattr(args, "memory", None),
         static_memory=args.static_memory,
+        **extra,
     )
 
 
@@ -74,7 +69,7 @@ def _memory(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -224,7 +219,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("baseline", help="classical schedules: gpipe, 1f1b, interleaved, chimera, zbh1")
     add_placement_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=_positive_int, default=8, help="number of micro-batches (default 8)"
+        "--micro-batches", "-n", type=positive_int, default=8, help="number of micro-batches (default 8)"
     )
     p.add_argument(
         "--schedule", "-s", default="all", choices=[*BASELINES, "all"], help="which baseline (default all)"
