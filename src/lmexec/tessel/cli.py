@@ -241,13 +241,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_extensions(sub: argparse._SubParsersAction) -> None:
-    """Subcommands that live in their own modules (search, ...)."""
-    __import__("lmexec.tessel.runtime.cli", fromlist=["register_train"]).register_train(sub)
-    try:
-        from lmexec.tessel.search.cli import register_search
-    except ImportError:
-        return
+    """Subcommands that live in their own modules: search (issue 4), train/profile (issue 7)."""
+    from lmexec.tessel.runtime.cli import register_train
+    from lmexec.tessel.search.cli import register_search
+
     register_search(sub)
+    register_train(sub)
 
 
 __all__ = ["register", "add_placement_args", "placement_from_args", "write_outputs", "json"]
