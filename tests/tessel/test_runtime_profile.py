@@ -94,3 +94,19 @@ def test_train_cli_rejects_bad_requests_before_spawning(capsys):
     assert "unknown schedule" in capsys.readouterr().err
     assert main(["tessel", "train", "-p", "zerobubble", "-s", "interleaved", "-n", "4", *tiny]) == 2
     assert main(["tessel", "train", "-p", "zerobubble", "-d", "2", "--split", "1,2", *tiny]) == 2
+
+
+def test_breakdown_of_a_run_that_followed_the_plan_exactly():
+    from lmexec.tessel.runtime.analysis import breakdown
+    from lmexec.tessel.runtime.plan import plan_runs
+    from lmexec.tessel.runtime.trace import planned_events
+    from lmexec.tessel.runtime.train import RunResult
+
+    (plan,) = plan_runs(profiled_placement(_profiles(2), "zerobubble", 2), ["zbh1"], 4)
+    events = planned_events(plan)
+    span = max(e["end"] for e in events)
+    result = RunResult("zbh1", [1.0, 1.0], [span, span], [span, span], [span, span], [events, events])
+    why = breakdown(plan, result)
+    assert why.ratio == pytest.approx(1.0)
+    assert why.gap_ratio == pytest.approx(1.0, rel=1e-3)
+    assert why.compute_inflation == pytest.approx(1.0, rel=1e-3)

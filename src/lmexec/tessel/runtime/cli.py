@@ -8,6 +8,7 @@ schedule on that one placement, spawns one process per device (or runs as one ra
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,9 +209,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"running {', '.join(p.name for p in prepared.plans)} on {args.devices} processes "
                 f"({args.steps} steps each) ..."
             )
+            load_before = os.getloadavg()[0]
             results = launch(
                 train_worker, args.devices, prepared.job, timeout=args.timeout, threads=args.threads
             )[0]
+            console.print(
+                f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f} on "
+                f"{os.cpu_count()} CPUs (other processes share them)"
+            )
     except RankFailure as error:
         console.print(f"error: {error}", markup=False)
         return 1
@@ -219,6 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -> None:
+    from lmexec.tessel.runtime.analysis import breakdown
     from lmexec.tessel.runtime.trace import chrome_trace, draw_planned_vs_measured
 
     if prepared.profiles:
@@ -226,10 +233,12 @@ def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -
     rows, payload = [], []
     for plan, result in zip(prepared.plans, results, strict=True):
         steady_make = result.steady(result.makespan_ms)
+        why = breakdown(plan, result)
         rows.append([
             plan.name if plan.schedule.name in ("", plan.name) else f"{plan.name} = {plan.schedule.name}",
             f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}", result.steady(result.step_ms),
-            result.steady(result.pipeline_ms), steady_make, plan.predicted_ms, f"{steady_make / plan.predicted_ms:.2f}",
+            result.steady(result.pipeline_ms), steady_make, plan.predicted_ms, f"{why.ratio:.2f}",
+            f"{why.compute_inflation:.2f}", why.replay, f"{why.gap_ratio:.2f}",
             f"{plan.schedule.metrics().bubble_rate:.1%}",
         ])  # fmt: skip
         payload.append({
@@ -239,15 +248,19 @@ def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -
             "makespan_ms": result.makespan_ms, "steady_step_ms": result.steady(result.step_ms),
             "steady_makespan_ms": steady_make, "makespan_ratio": steady_make / plan.predicted_ms,
             "steady_step": result.steady_step(), "events": result.events[result.steady_step()],
-            "planned_tasks": plan.schedule.to_dict()["tasks"],
+            "planned_tasks": plan.schedule.to_dict()["tasks"], "breakdown": why.to_dict(),
         })  # fmt: skip
     print_table(
         f"{prepared.placement.name}, {args.devices} ranks, {args.micro_batches} micro-batches x "
         f"{args.micro_batch_size}, {args.steps} steps (times: median after step 0, ms)",
         ["schedule", "loss first -> last", "step", "pipeline", "measured makespan", "predicted", "ratio",
-         "planned bubble"],
+         "compute x", "replay", "measured / replay", "planned bubble"],
         rows,
     )  # fmt: skip
+    console.print(
+        "ratio = measured / predicted makespan; compute x = measured busy time / profiled; replay = planned "
+        "order re-timed with measured durations (no gaps); measured / replay > 1 = communication and dispatch gaps"
+    )
     pairs = list(zip(prepared.plans, results, strict=True))
     if args.trace:
         console.print(f"chrome trace (planned + measured): {write_json(args.trace, chrome_trace(pairs))}")
