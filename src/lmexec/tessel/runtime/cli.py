@@ -235,8 +235,8 @@ def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -
         steady_make = result.steady(result.makespan_ms)
         why = breakdown(plan, result)
         rows.append([
-            plan.name if plan.schedule.name in ("", plan.name) else f"{plan.name} = {plan.schedule.name}",
-            f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}", result.steady(result.step_ms),
+            plan.name if plan.schedule.name in ("", plan.name) else f"{plan.name} ({plan.schedule.name})",
+            f"{result.losses[0]:.3f}->{result.losses[-1]:.3f}", result.steady(result.step_ms),
             result.steady(result.pipeline_ms), steady_make, plan.predicted_ms, f"{why.ratio:.2f}",
             f"{why.compute_inflation:.2f}", why.replay, f"{why.gap_ratio:.2f}",
             f"{plan.schedule.metrics().bubble_rate:.1%}",
@@ -253,13 +253,14 @@ def _report(args: argparse.Namespace, prepared: _Prepared, results: list[Any]) -
     print_table(
         f"{prepared.placement.name}, {args.devices} ranks, {args.micro_batches} micro-batches x "
         f"{args.micro_batch_size}, {args.steps} steps (times: median after step 0, ms)",
-        ["schedule", "loss first -> last", "step", "pipeline", "measured makespan", "predicted", "ratio",
-         "compute x", "replay", "measured / replay", "planned bubble"],
+        ["schedule", "loss", "step", "pipeline", "makespan", "predicted", "ratio", "compute x", "replay",
+         "gaps x", "plan bubble"],
         rows,
     )  # fmt: skip
     console.print(
-        "ratio = measured / predicted makespan; compute x = measured busy time / profiled; replay = planned "
-        "order re-timed with measured durations (no gaps); measured / replay > 1 = communication and dispatch gaps"
+        "makespan: measured, first compute start to last end; ratio = makespan / predicted; compute x = measured "
+        "busy time / profiled; replay = planned order re-timed with measured durations; gaps x = makespan / replay "
+        "(> 1: communication and dispatch gaps)"
     )
     pairs = list(zip(prepared.plans, results, strict=True))
     if args.trace:
