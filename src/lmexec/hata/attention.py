@@ -55,8 +55,15 @@ def sparse_attention(
     indices: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact attention restricted to the selected rows; one index list per KV head, shared by its group."""
-    return grouped_attention(query, gather_rows(keys, indices), gather_rows(values, indices), scale)
+    """Exact attention restricted to the selected rows; one index list per KV head, shared by its group.
+
+    Runs the fused gather-attention kernel of the tensors' device (:mod:`lmexec.hata.kernels`: reads
+    only the selected rows, online softmax); the torch reference is ``grouped_attention`` over
+    ``gather_rows``.
+    """
+    from lmexec.hata import kernels
+
+    return kernels.gather_attention(query, keys, values, indices, scale)
 
 
 def dense_attention(

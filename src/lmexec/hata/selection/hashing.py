@@ -2,6 +2,8 @@
 
 Key codes are encoded once when keys enter the cache and stored in a preallocated int64 buffer; a
 decode step encodes the query heads with their KV head's ``W`` and scores ``-sum_g Hamming``.
+Encoding, scoring and the fused score + top-k go through :mod:`lmexec.hata.kernels` (numba on CPU,
+Triton on CUDA, torch reference otherwise).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from abc import abstractmethod
 
 import torch
 
+from lmexec.hata import kernels
+from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.codes import encode, encode_queries, hamming, n_words
-from lmexec.hata.selection.base import SelectionMethod
+from lmexec.hata.codes import n_words
+from lmexec.hata.selection.base import VALID_STATE, SelectionMethod
 
 
 class HashSelection(SelectionMethod):
@@ -30,12 +34,41 @@ class HashSelection(SelectionMethod):
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.keys[:, :, start:]
         w = self.projection(layer, keys.shape[1], keys.shape[3]).to(keys.device)
-        self._codes(cache).write(start, encode(keys, w))
+        self._codes(cache).write(start, kernels.encode(keys, w))
+
+    def query_codes(self, query: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
+        """Codes of decode queries ``[B, H_q, d]`` -> ``[B, H_kv, G, words]`` (head h uses KV head h // G)."""
+        b, h_q, d = query.shape
+        w = self.projection(layer, kv_heads, d).to(query.device)
+        return kernels.encode(query.reshape(b, kv_heads, h_q // kv_heads, d), w)
 
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
         key_codes = self._codes(cache).view()
-        w = self.projection(layer, key_codes.shape[1], query.shape[-1]).to(query.device)
-        return -hamming(encode_queries(query, w), key_codes).float()
+        return -kernels.hamming_scores(self.query_codes(query, layer, key_codes.shape[1]), key_codes).float()
+
+    def select(
+        self,
+        query: torch.Tensor,
+        cache: LayerCache,
+        layer: int,
+        budget: Budget,
+        scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fused score + top-k (no score tensor, no sort) unless ``scores`` are given; ties go to the
+        earlier key and indices come in position order."""
+        if scores is not None:
+            return super().select(query, cache, layer, budget, scores)
+        key_codes = self._codes(cache).view()
+        n = key_codes.shape[2]
+        valid = cache.state.get(VALID_STATE)
+        return kernels.hamming_topk(
+            self.query_codes(query, layer, key_codes.shape[1]),
+            key_codes,
+            budget.tokens(n),
+            budget.sink,
+            budget.recent,
+            valid if isinstance(valid, torch.Tensor) else None,
+        )
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
         return self.bits / 8

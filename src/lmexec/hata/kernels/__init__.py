@@ -1,0 +1,157 @@
+"""Fast HATA kernels behind one dispatch: encode, Hamming score + top-k, gather attention.
+
+Every operation has a plain torch reference (:mod:`.reference`, the definition), a CPU implementation
+in numba (:mod:`.cpu`) and a GPU implementation in Triton (:mod:`.gpu`). The backend is chosen per call
+from the tensors' device:
+
+* CPU tensors -> ``numba`` (``torch`` when numba is missing or the dtype is unsupported, e.g. fp16 K/V);
+* CUDA tensors -> ``triton`` (``torch`` when triton is missing).
+
+Override with the environment variable ``LMEXEC_HATA_KERNELS`` = ``auto`` | ``torch`` | ``numba`` |
+``triton`` or, in code, ``with use_backend("torch"): ...``. ``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before triton is first imported (the interpreter; how the tests run it).
+
+Semantics shared by all backends (tested equal to the reference):
+
+* ``encode(x [B, H_kv, N, d], W [H_kv, d, r])`` -> int64 ``[B, H_kv, N, ceil(r/64)]`` (bit order v1);
+* ``hamming_scores(q [B, H_kv, G, w], k [B, H_kv, N, w])`` -> int64 ``[B, H_kv, N]``, summed over G;
+* ``hamming_topk(q, k, k_sel, sink, recent, valid)`` -> int64 ``[B, H_kv, min(k_sel, N)]``, ascending
+  positions: forced sink/recent keys first, then smallest distance, ties to the earlier key, padding
+  (``valid [B, N]`` False) only when nothing else is left;
+* ``gather_attention(q [B, H_q, d], K, V [B, H_kv, N, d], idx [B, H_kv, K], scale, keep [B, K],
+  valid [B, N])`` -> ``[B, H_q, d]`` in the query dtype, fp32 math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+from importlib.util import find_spec
+
+import torch
+
+from lmexec.errors import UserError
+from lmexec.hata.kernels import reference
+
+ENV_VAR = "LMEXEC_HATA_KERNELS"
+BACKENDS = ("auto", "torch", "numba", "triton")
+_override: ContextVar[str | None] = ContextVar("lmexec_hata_kernels", default=None)
+
+
+def numba_available() -> bool:
+    return find_spec("numba") is not None
+
+
+def triton_available() -> bool:
+    return find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested_backend() -> str:
+    choice = _override.get() or os.environ.get(ENV_VAR, "auto") or "auto"
+    if choice not in BACKENDS:
+        raise UserError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    return choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside the block (``auto`` restores device-based choice)."""
+    if name not in BACKENDS:
+        raise UserError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend that runs an operation on ``t``'s device under the current setting."""
+    choice = requested_backend()
+    if choice == "auto":
+        if t.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "numba" if numba_available() else "torch"
+    if choice == "numba" and (t.is_cuda or not numba_available()):
+        raise UserError("the numba kernels need numba and CPU tensors")
+    if choice == "triton":
+        if not triton_available():
+            raise UserError("the triton kernels need triton (pip install triton)")
+        if not t.is_cuda and not triton_interpreting():
+            raise UserError("triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    return choice
+
+
+def _impl(backend: str):
+    if backend == "numba":
+        from lmexec.hata.kernels import cpu
+
+        return cpu
+    if backend == "triton":
+        from lmexec.hata.kernels import gpu
+
+        return gpu
+    return reference
+
+
+def encode(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Packed codes of ``x [B, H_kv, N, d]`` under ``W [H_kv, d, r]``."""
+    return _impl(backend_for(x)).encode(x, w)
+
+
+def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """Group-summed Hamming distances ``[B, H_kv, N]`` (int64)."""
+    return _impl(backend_for(key_codes)).hamming_scores(query_codes, key_codes)
+
+
+def hamming_topk(
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    k: int,
+    sink: int = 0,
+    recent: int = 1,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused score + selection: indices ``[B, H_kv, min(k, N)]`` in ascending position order."""
+    return _impl(backend_for(key_codes)).hamming_topk(query_codes, key_codes, k, sink, recent, valid)
+
+
+def gather_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float | None = None,
+    keep: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention of ``query [B, H_q, d]`` over the selected rows of ``keys/values``."""
+    backend = backend_for(keys)
+    if backend == "numba":
+        from lmexec.hata.kernels import cpu
+
+        if keys.dtype not in cpu.SUPPORTED_ATTENTION_DTYPES or values.dtype != keys.dtype:
+            backend = "torch"
+    return _impl(backend).gather_attention(query, keys, values, indices, scale, keep, valid)
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "backend_for",
+    "encode",
+    "gather_attention",
+    "hamming_scores",
+    "hamming_topk",
+    "numba_available",
+    "reference",
+    "requested_backend",
+    "triton_available",
+    "use_backend",
+]

@@ -1,0 +1,192 @@
+"""The numba CPU kernels equal the torch reference: codes and scores exactly, selections exactly (same
+tie rule) and as sets up to ties against ``top_k_indices``, attention outputs to float tolerance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmexec.errors import UserError
+from lmexec.hata import kernels
+from lmexec.hata.budget import Budget
+from lmexec.hata.cache import LayerCache
+from lmexec.hata.kernels import cpu
+from lmexec.hata.kernels import reference as ref
+from lmexec.hata.selection import SimHash, top_k_indices
+
+SHAPES = [  # batch, kv heads, group, keys, head_dim, bits
+    (1, 1, 1, 1, 16, 32),
+    (2, 3, 3, 37, 16, 64),
+    (1, 2, 4, 513, 32, 128),
+    (3, 2, 2, 700, 8, 256),
+]
+
+
+def _data(b, h, g, n, d, bits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, n, d, generator=gen) + 0.2
+    values = torch.randn(b, h, n, d, generator=gen)
+    query = torch.randn(b, h * g, d, generator=gen)
+    w = torch.randn(h, d, bits, generator=gen)
+    return query, keys, values, w
+
+
+def _codes(query, keys, w):
+    b, h_q, d = query.shape
+    h = keys.shape[1]
+    return ref.encode(query.reshape(b, h, h_q // h, d), w), ref.encode(keys, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode_and_scores_exact(shape):
+    query, keys, _, w = _data(*shape)
+    qc, kc = _codes(query, keys, w)
+    assert torch.equal(cpu.encode(keys, w), kc)
+    assert torch.equal(cpu.hamming_scores(qc, kc), ref.hamming_scores(qc, kc))
+
+
+def _same_up_to_ties(chosen, expected, rank):
+    """Same size, and the sorted ranks of the chosen keys equal those of the expected keys."""
+    assert chosen.shape == expected.shape
+    for a, e, r in zip(
+        chosen.reshape(-1, chosen.shape[-1]),
+        expected.reshape(-1, chosen.shape[-1]),
+        rank.reshape(-1, rank.shape[-1]),
+        strict=True,
+    ):
+        assert len(set(a.tolist())) == a.numel()
+        assert torch.equal(r[a].sort().values, r[e].sort().values)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 5, 64, 600, 10_000])  # 10_000: budget beyond the context
+def test_topk_equals_reference(shape, k):
+    query, keys, _, w = _data(*shape)
+    qc, kc = _codes(query, keys, w)
+    for sink, recent in ((0, 0), (0, 1), (2, 3)):
+        got = cpu.hamming_topk(qc, kc, k, sink, recent)
+        want = ref.hamming_topk(qc, kc, k, sink, recent)
+        assert torch.equal(got, want)
+        assert got.shape[-1] == min(k, keys.shape[2])
+        # against the selection path's torch.topk (arbitrary ties): same set up to ties
+        n = keys.shape[2]
+        if sink + recent <= min(k, n):
+            budget = Budget(min(k, n), sink, recent)
+            scores = -ref.hamming_scores(qc, kc).float()
+            _same_up_to_ties(got, top_k_indices(scores, budget), ref.rank_keys(-scores, sink, recent))
+
+
+def test_topk_with_padding_never_selects_padding_while_real_keys_remain():
+    query, keys, _, w = _data(2, 2, 3, 300, 16, 128, seed=3)
+    qc, kc = _codes(query, keys, w)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[0, :120] = False  # left padding of row 0
+    for k in (50, 180, 250):
+        got = cpu.hamming_topk(qc, kc, k, 1, 2, valid)
+        assert torch.equal(got, ref.hamming_topk(qc, kc, k, 1, 2, valid))
+        chosen_valid = valid[0][got[0]].sum(dim=-1)  # per KV head
+        assert chosen_valid.tolist() == [min(k, 180)] * 2
+        assert bool(valid[1][got[1]].all())
+
+
+def test_topk_reads_cache_views_in_place():
+    """Codes kept in a growable buffer are a strided view; the kernel reads the buffer without a copy."""
+    query, keys, values, w = _data(2, 2, 2, 100, 16, 128, seed=5)
+    cache = LayerCache.from_prefill(keys[:, :, :60], values[:, :, :60])
+    method = SimHash(bits=128)
+    method.prepare(cache, 0)
+    start = cache.append(keys[:, :, 60:], values[:, :, 60:])
+    method.on_append(cache, 0, start)
+    codes = method._codes(cache).view()
+    assert not codes.is_contiguous()
+    assert cpu.rows_buffer(codes).data_ptr() == codes.data_ptr()
+    w0 = method.projection(0, 2, 16)
+    qc = ref.encode(query.reshape(2, 2, 2, 16), w0)
+    assert torch.equal(codes, ref.encode(keys, w0))
+    assert torch.equal(cpu.hamming_topk(qc, codes, 17), ref.hamming_topk(qc, codes.contiguous(), 17))
+
+
+def test_selection_method_uses_fused_topk():
+    query, keys, values, _ = _data(2, 3, 2, 200, 16, 128, seed=7)
+    cache = LayerCache.from_prefill(keys, values)
+    method = SimHash(bits=128)
+    method.prepare(cache, 4)
+    budget = Budget(40, sink=2, recent=3)
+    scores = method.scores(query, cache, 4)
+    fused = method.select(query, cache, 4, budget)
+    with kernels.use_backend("torch"):
+        assert torch.equal(method.scores(query, cache, 4), scores)
+        reference = method.select(query, cache, 4, budget)
+    _same_up_to_ties(fused, top_k_indices(scores, budget), ref.rank_keys(-scores, 2, 3))
+    assert torch.equal(fused, reference)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gather_attention_equals_reference(shape, dtype, tol):
+    query, keys, values, w = _data(*shape)
+    query, keys, values = query.to(dtype), keys.to(dtype), values.to(dtype)
+    qc, kc = _codes(query.float(), keys.float(), w)
+    for k in (1, 63, 64, 65, 200):
+        idx = ref.hamming_topk(qc, kc, k, 0, 1)
+        got = cpu.gather_attention(query, keys, values, idx)
+        want = ref.gather_attention(query, keys, values, idx)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_gather_attention_masks_and_dense_equivalence():
+    query, keys, values, _ = _data(2, 2, 4, 150, 32, 128, seed=9)
+    b, h, n, d = keys.shape
+    everything = torch.arange(n).expand(b, h, n).contiguous()
+    dense = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h, 4, d), keys, values).reshape(
+        b, h * 4, d
+    )
+    torch.testing.assert_close(
+        cpu.gather_attention(query, keys, values, everything), dense, atol=2e-5, rtol=2e-5
+    )
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, n, (b, h, 70), generator=gen)
+    keep = torch.rand(b, 70, generator=gen) > 0.3
+    valid = torch.rand(b, n, generator=gen) > 0.2
+    valid[:, idx[:, 0, 0]] = True
+    keep[:, 0] = True
+    for scale in (None, 0.37):
+        got = cpu.gather_attention(query, keys, values, idx, scale, keep, valid)
+        want = ref.gather_attention(query, keys, values, idx, scale, keep, valid)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    scale = 1 / math.sqrt(d)
+    torch.testing.assert_close(
+        kernels.gather_attention(query, keys, values, idx, scale),
+        ref.gather_attention(query, keys, values, idx, scale),
+    )
+
+
+def test_fp16_attention_falls_back_to_reference():
+    query, keys, values, _ = _data(1, 2, 2, 40, 16, 128)
+    idx = torch.arange(10).expand(1, 2, 10).contiguous()
+    half = [t.half() for t in (query, keys, values)]
+    got = kernels.gather_attention(*half, idx)
+    assert torch.equal(got, ref.gather_attention(*half, idx))
+
+
+def test_dispatch(monkeypatch):
+    t = torch.zeros(1)
+    assert kernels.backend_for(t) == "numba"
+    with kernels.use_backend("torch"):
+        assert kernels.backend_for(t) == "torch"
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert kernels.backend_for(t) == "torch"
+    monkeypatch.setenv(kernels.ENV_VAR, "fast")
+    with pytest.raises(UserError, match="LMEXEC_HATA_KERNELS"):
+        kernels.backend_for(t)
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if kernels.triton_available():
+        with pytest.raises(UserError, match="TRITON_INTERPRET"):
+            kernels.backend_for(t)
+    with pytest.raises(UserError):
+        with kernels.use_backend("cuda"):
+            pass
