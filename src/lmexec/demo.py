@@ -95,6 +95,10 @@ def tessel_search_demo(out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from lmexec.hata.hf.demo import hata_demo
+
     report = {"tessel": tessel_demo(out), "tessel_search": tessel_search_demo(out)}
+    console.rule("HATA: passkey on SmolLM2-135M-Instruct, dense vs HATA through generate()")
+    report["hata"] = hata_demo(out)
     console.print(f"demo report: {write_json(out / 'demo.json', report)}")
     return 0
