@@ -14,6 +14,7 @@ from typing import Any
 
 from lmexec.errors import UserError
 from lmexec.reporting import console, print_table, write_json
+from lmexec.tessel.cli import positive_int
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, synthetic_batch
 from lmexec.tessel.runtime.profile import (
@@ -27,16 +28,6 @@ from lmexec.tessel.runtime.profile import (
 DEFAULT_SCHEDULES = "searched,1f1b,gpipe"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _split(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -45,7 +36,7 @@ def _split(text: str) -> tuple[int, ...]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", "-d", type=_positive, default=2, help="processes / devices (default 2)")
+    p.add_argument("--devices", "-d", type=positive_int, default=2, help="processes / devices (default 2)")
     p.add_argument(
         "--placement",
         "-p",
@@ -53,21 +44,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help=f"{', '.join(SHAPES)} (profiled now) or a profiled JSON",
     )
     p.add_argument(
-        "--chunks", type=_positive, default=2, help="stages per device for interleaved (default 2)"
+        "--chunks", type=positive_int, default=2, help="stages per device for interleaved (default 2)"
     )
-    p.add_argument("--layers", type=_positive, default=8, help="decoder layers (default 8)")
-    p.add_argument("--hidden", type=_positive, default=256, help="model width (default 256)")
-    p.add_argument("--heads", type=_positive, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=_positive, default=512, help="vocabulary size (default 512)")
-    p.add_argument("--seq-len", type=_positive, default=64, help="sequence length (default 64)")
+    p.add_argument("--layers", type=positive_int, default=8, help="decoder layers (default 8)")
+    p.add_argument("--hidden", type=positive_int, default=256, help="model width (default 256)")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=positive_int, default=512, help="vocabulary size (default 512)")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="sequence length (default 64)")
     p.add_argument(
-        "--micro-batch-size", type=_positive, default=2, help="sequences per micro-batch (default 2)"
+        "--micro-batch-size", type=positive_int, default=2, help="sequences per micro-batch (default 2)"
     )
     p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     p.add_argument("--warmup", type=int, default=2, help="profiling warm-up runs (default 2)")
-    p.add_argument("--repeats", type=_positive, default=5, help="profiling runs, median taken (default 5)")
-    p.add_argument("--threads", type=_positive, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="profiling runs, median taken (default 5)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank (default 1)")
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -77,9 +68,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=_positive, default=8, help="micro-batches per step (default 8)"
+        "--micro-batches", "-n", type=positive_int, default=8, help="micro-batches per step (default 8)"
     )
-    p.add_argument("--steps", type=_positive, default=10, help="training steps per schedule (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="training steps per schedule (default 10)")
     p.add_argument(
         "--schedule", "-s", default=DEFAULT_SCHEDULES,
         help=f"comma list of searched, 1f1b, gpipe, interleaved, zbh1 (default {DEFAULT_SCHEDULES})",
