@@ -68,6 +68,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     fid.add_argument("--png", default=None, help="plot mass recall vs budget here")
     fid.set_defaults(handler=_fidelity)
 
+    from lmexec.hata.training.cli import register_train
+
+    register_train(sub)
+
     from lmexec.hata.hf.cli import add_eval_parser  # transformers is imported only when eval runs
 
     add_eval_parser(sub)

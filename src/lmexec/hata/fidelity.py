@@ -39,6 +39,7 @@ from lmexec.hata.selection import (
     top_k_indices,
 )
 from lmexec.hata.texts import KINDS, token_block
+from lmexec.hata.weights import default_weights, load_for_model, load_hash_weights
 
 DEFAULT_SWEEP = (64, 128, 256, 512, 1024)
 
@@ -74,10 +75,13 @@ class FidelityConfig:
                 f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}"
             )
         if "hata" in self.methods and not self.hata_weights:
-            raise UserError(
-                "method 'hata' needs learned hash weights (--hata-weights FILE); "
-                "they come from `lmexec hata train` (issue 5), which does not exist yet"
-            )
+            shipped = default_weights(self.model, self.bits)
+            if shipped is None:
+                raise UserError(
+                    f"method 'hata' has no shipped weights for model {self.model!r} at {self.bits} bits: "
+                    "pass --hata-weights FILE made by `lmexec hata train`"
+                )
+            self.hata_weights = str(shipped)  # recorded in the result's config
         if self.hata_weights and not Path(self.hata_weights).is_file():
             raise UserError(
                 f"hash weights file {self.hata_weights} does not exist (weights come from `lmexec hata train`)"
@@ -128,7 +132,12 @@ class _Sums:
 
 
 def build_variants(
-    config: FidelityConfig, head_dim: int, n_layers: int, n_kv_heads: int, loki_bases: dict[int, torch.Tensor]
+    config: FidelityConfig,
+    head_dim: int,
+    n_layers: int,
+    n_kv_heads: int,
+    loki_bases: dict[int, torch.Tensor],
+    model_config: Any = None,
 ) -> list[Variant]:
     """The methods to compare, with the extra equal-selection-bytes rows for Loki, SparQ and Quest."""
     target = config.bits / 8  # bytes per token of a hash code
@@ -145,7 +154,12 @@ def build_variants(
             )
         elif name == "hata":
             assert config.hata_weights
-            method = Hata.from_file(config.hata_weights, n_layers, n_kv_heads, head_dim, config.bits)
+            weights = (
+                load_hash_weights(config.hata_weights, n_layers, n_kv_heads, head_dim, config.bits)
+                if model_config is None
+                else load_for_model(config.hata_weights, model_config, config.bits)  # also checks the model
+            )
+            method = Hata(weights)
             variants.append(Variant("hata", method, f"{config.bits} learned bits"))
         elif name in ("loki", "sparq"):
             cls: Callable[..., SelectionMethod] = Loki if name == "loki" else SparQ
@@ -203,7 +217,7 @@ def run_fidelity(
         loki_bases = {layer: fit_basis(keys[layer]) for layer in layers}
         del keys
         timings["calibration_s"] = time.perf_counter() - t
-    variants = build_variants(config, head_dim, n_layers, h_kv, loki_bases)
+    variants = build_variants(config, head_dim, n_layers, h_kv, loki_bases, cfg)
 
     t = time.perf_counter()
     ids = torch.stack([token_block(tokenizer, kind, "evaluation", config.context) for kind in config.texts])

@@ -1,9 +1,13 @@
 """Hash projection files: one safetensors tensor ``layers.{l}.hash_weight [H_kv, d, bits]`` per sparse layer.
 
 Metadata (strings, as safetensors requires): ``format`` = ``lmexec-hata-weights``, ``bits``,
-``bit_order_version``, ``n_layers``, ``n_kv_heads``, ``head_dim`` and optionally ``model`` and
-``dense_layers``. Loading checks every field against the model and fails with a UserError naming the
-mismatch; the trainer (``lmexec hata train``, issue 5) writes these files.
+``bit_order_version``, ``n_layers``, ``n_kv_heads``, ``head_dim`` and optionally ``model``,
+``dense_layers``, ``model_config`` (:func:`model_signature`: architecture and shapes, so a file made for
+one model is refused by another of the same head shape), ``recipe`` and ``training`` (JSON of the
+training settings) and ``validation`` (JSON of held-out recall). Loading checks every field it is given
+against the model and fails with a UserError naming the mismatch; files without the optional fields
+(older ones) still load. The trainer (``lmexec hata train``) writes these files; trained weights for
+the default model ship in ``hata/data/`` (:func:`default_weights`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +24,29 @@ from lmexec.hata.codes import BIT_ORDER_VERSION, check_bits, check_projection
 
 FORMAT = "lmexec-hata-weights"
 _NAME = re.compile(r"^layers\.(\d+)\.hash_weight$")
+DATA_DIR = Path(__file__).with_name("data")
+SHIPPED = {("smollm2", 128): "smollm2-128.safetensors"}
+"""Weights shipped in the package: (model name, bits) -> file in ``hata/data``."""
+
+
+def default_weights(model: str, bits: int) -> Path | None:
+    """The shipped weights file for ``model`` at ``bits``, or None when there is none."""
+    name = SHIPPED.get((model, bits))
+    return DATA_DIR / name if name and (DATA_DIR / name).is_file() else None
+
+
+def model_signature(config: Any) -> str:
+    """Architecture and the shapes that decide q/k (a transformers config) as one comparable string."""
+    h_q = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // h_q
+    arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
+    rope = getattr(config, "rope_theta", None)
+    if rope is None:
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    return (
+        f"{arch} layers={config.num_hidden_layers} hidden={config.hidden_size} heads={h_q} "
+        f"kv_heads={config.num_key_value_heads} head_dim={head_dim} vocab={config.vocab_size} rope_theta={rope}"
+    )
 
 
 def tensor_name(layer: int) -> str:
@@ -62,9 +90,18 @@ def save_hash_weights(
 
 
 def load_hash_weights(
-    path: str | Path, n_layers: int, n_kv_heads: int, head_dim: int, bits: int | None = None
+    path: str | Path,
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    bits: int | None = None,
+    signature: str | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Read and validate a projection file -> ``{layer: W [H_kv, d, bits]}`` (fp32)."""
+    """Read and validate a projection file -> ``{layer: W [H_kv, d, bits]}`` (fp32).
+
+    ``signature`` (:func:`model_signature` of the model) is compared with the file's ``model_config``
+    when both exist.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -88,6 +125,12 @@ def load_hash_weights(
             raise UserError(
                 f"hash weights {path} were made for {key}={metadata.get(key)}, but the model has {key}={value}"
             )
+    made_for = metadata.get("model_config")
+    if signature is not None and made_for and made_for != signature:
+        raise UserError(
+            f"hash weights {path} were trained for another model ({made_for}); this model is "
+            f"{signature}. Train weights for it with `lmexec hata train --model ...`"
+        )
     if metadata.get("bit_order_version") != str(BIT_ORDER_VERSION):
         raise UserError(
             f"hash weights {path} use bit order version {metadata.get('bit_order_version')}, expected {BIT_ORDER_VERSION}"
@@ -101,3 +144,23 @@ def load_hash_weights(
     if not weights:
         raise UserError(f"hash weights {path} hold no layers")
     return weights
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a weights file (no validation), e.g. to show its training recipe."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise UserError(f"hash weights file {path} is not a readable safetensors file: {error}") from None
+
+
+def load_for_model(path: str | Path, config: Any, bits: int | None = None) -> dict[int, torch.Tensor]:
+    """:func:`load_hash_weights` with every check taken from a transformers ``config``."""
+    h_q = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // h_q
+    return load_hash_weights(
+        path, config.num_hidden_layers, config.num_key_value_heads, head_dim, bits, model_signature(config)
+    )
