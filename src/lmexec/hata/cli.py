@@ -72,6 +72,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     register_train(sub)
 
+    from lmexec.hata.bench_cli import add_bench_parsers
+
+    add_bench_parsers(sub)
+
     from lmexec.hata.hf.cli import add_eval_parser  # transformers is imported only when eval runs
 
     add_eval_parser(sub)

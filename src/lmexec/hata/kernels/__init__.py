@@ -52,6 +52,22 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def select_threading_layer() -> None:
+    """Use numba's ``workqueue`` threading layer unless ``NUMBA_THREADING_LAYER`` says otherwise.
+
+    Must run before numba starts its threads (first parallel kernel or ``numba.set_num_threads``);
+    done when this package is imported. See :mod:`.cpu` for why (OpenMP busy-waiting beside torch).
+    """
+    if os.environ.get("NUMBA_THREADING_LAYER") or not numba_available():
+        return
+    import numba
+
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+select_threading_layer()
+
+
 def requested_backend() -> str:
     choice = _override.get() or os.environ.get(ENV_VAR, "auto") or "auto"
     if choice not in BACKENDS:

@@ -13,11 +13,18 @@ and bit packing for encode.
   sum, the accumulator rescaled once per block); only the selected rows are read. bf16 rows are
   widened in registers (``bits << 16``).
 * :func:`pack_bits`: ``projection >= 0`` packed 64 bits per word, LSB first (bit order version 1).
+
+Threading: numba's OpenMP layer busy-waits after each parallel region and, being a second OpenMP
+runtime beside torch's, made every following torch op wait for a time slice (measured: a 0.3 ms torch op
+took 56 ms after a numba kernel on the shared 2-core machine). Unless ``NUMBA_THREADING_LAYER`` is set,
+the ``workqueue`` layer (sleeping pthreads) is used; it must not be entered from two threads at once,
+so the wrappers hold a lock.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -27,7 +34,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from lmexec.hata.kernels import select_threading_layer
+
 ATTN_BLOCK = 64
+
+select_threading_layer()
+_LOCK = threading.Lock()
 
 
 @intrinsic
@@ -301,7 +313,8 @@ def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.
     out = torch.empty(b, h, n, dtype=torch.int64)
     if n:
         qc = _np(query_codes.contiguous())
-        _hamming_scores_kernel(qc, _np(rows_buffer(key_codes)), n, out.numpy())
+        with _LOCK:
+            _hamming_scores_kernel(qc, _np(rows_buffer(key_codes)), n, out.numpy())
     return out
 
 
@@ -319,19 +332,20 @@ def hamming_topk(
     out = torch.empty(b, h, k, dtype=torch.int64)
     scores = torch.empty(b, h, n if return_scores else 1, dtype=torch.int32)
     valid_np, has_valid = _mask(valid)
-    _hamming_topk_kernel(
-        _np(query_codes.contiguous()),
-        _np(rows_buffer(key_codes)),
-        n,
-        k,
-        sink,
-        recent,
-        valid_np,
-        has_valid,
-        out.numpy(),
-        scores.numpy(),
-        return_scores,
-    )
+    with _LOCK:
+        _hamming_topk_kernel(
+            _np(query_codes.contiguous()),
+            _np(rows_buffer(key_codes)),
+            n,
+            k,
+            sink,
+            recent,
+            valid_np,
+            has_valid,
+            out.numpy(),
+            scores.numpy(),
+            return_scores,
+        )
     return (out, scores) if return_scores else out
 
 
@@ -354,18 +368,19 @@ def gather_attention(
     out = torch.empty(b, h_kv, h_q // h_kv, values.shape[-1], dtype=torch.float32)
     keep_np, has_keep = _mask(keep)
     valid_np, has_valid = _mask(valid)
-    _gather_attention_kernel(
-        grouped.numpy(),
-        _np(rows_buffer(keys)),
-        _np(rows_buffer(values)),
-        indices.to(torch.int64).contiguous().numpy(),
-        np.float32(scale),
-        keep_np,
-        has_keep,
-        valid_np,
-        has_valid,
-        out.numpy(),
-    )
+    with _LOCK:
+        _gather_attention_kernel(
+            grouped.numpy(),
+            _np(rows_buffer(keys)),
+            _np(rows_buffer(values)),
+            indices.to(torch.int64).contiguous().numpy(),
+            np.float32(scale),
+            keep_np,
+            has_keep,
+            valid_np,
+            has_valid,
+            out.numpy(),
+        )
     return out.reshape(b, h_q, values.shape[-1]).to(query.dtype)
 
 
@@ -375,7 +390,8 @@ def pack_bits(projected: torch.Tensor) -> torch.Tensor:
     flat = projected.reshape(-1, r).float().contiguous()
     out = torch.empty(flat.shape[0], (r + 63) // 64, dtype=torch.int64)
     if flat.shape[0]:
-        _pack_kernel(flat.numpy(), out.numpy().view(np.uint64))
+        with _LOCK:
+            _pack_kernel(flat.numpy(), out.numpy().view(np.uint64))
     return out.reshape(*projected.shape[:-1], out.shape[1])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ class Hata(HashSelection):
     name = "hata"
     weights: dict[int, torch.Tensor] | torch.Tensor | None = None
     bits: int = 0
+    _checked: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    """Validated fp32 projections by (layer, kv_heads, head_dim): a decode step must not re-check W."""
 
     def __post_init__(self) -> None:
         if self.weights is None:
@@ -44,6 +46,9 @@ class Hata(HashSelection):
         return cls(load_hash_weights(path, n_layers, n_kv_heads, head_dim, bits))
 
     def projection(self, layer: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+        checked = self._checked.get((layer, kv_heads, head_dim))
+        if checked is not None:
+            return checked
         if isinstance(self.weights, torch.Tensor):
             w = self.weights
         else:
@@ -51,4 +56,7 @@ class Hata(HashSelection):
             if layer not in self.weights:
                 raise UserError(f"hash weights have no projection for layer {layer}")
             w = self.weights[layer]
-        return check_projection(w, kv_heads, head_dim, self.bits)
+        checked = self._checked[(layer, kv_heads, head_dim)] = check_projection(
+            w, kv_heads, head_dim, self.bits
+        )
+        return checked

@@ -1,0 +1,382 @@
+"""``lmexec hata bench``: per-layer decode latency of dense SDPA and the selection methods, next to this
+machine's memory bandwidth and each method's bytes-bound time, measured in the same run.
+
+One decode step of one layer, as the model runs it, on a synthetic cache (random K/V, ``N`` cached
+tokens, batch ``B``, ``H_q``/``H_kv`` heads, head_dim ``d``):
+
+* ``dense``: append the new K/V row in place, then ``torch.nn.functional.scaled_dot_product_attention``
+  with the group's ``G`` query heads as ``G`` query rows of their KV head (no K/V copies) over all rows;
+* ``hata``: append, encode the new key (codes beside the cache) and the query heads, fused Hamming
+  score + top-k, gather attention over the selected rows (:mod:`lmexec.hata.kernels`);
+* ``quest`` (pages of 16, min/max updated on append), ``loki`` (rank ``d/4``, basis fitted on the
+  first 8192 cached keys of batch row 0): their own torch scoring, ``torch.topk`` through the shared
+  selection code, then the same gather-attention kernel as HATA.
+
+Each step is timed alone (``perf_counter``), warm-up steps first, and the median is reported; after a
+step the cache is cut back to ``N`` so every step sees the same context. The memory bandwidth is a
+streaming ``torch.sum`` over a 1 GiB tensor with all threads, measured before and after the rows; the
+larger value bounds every method: ``bound = bytes / bandwidth``, with bytes = what a step must read:
+
+* dense: all K and V rows;
+* hata: key codes (``bits/8`` B per token and KV head) + the ``k`` selected K/V rows + ``W``;
+* quest: page min/max (``2 d`` elements per page) + the selected rows;
+* loki: the rank-``r`` projected keys (``r`` elements per token) + the selected rows + the basis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lmexec.errors import UserError
+from lmexec.hata import kernels
+from lmexec.hata.budget import Budget
+from lmexec.hata.cache import GrowableBuffer, LayerCache
+from lmexec.hata.codes import check_bits
+from lmexec.hata.selection import Hata, Loki, Quest, fit_basis
+from lmexec.hata.selection.base import SelectionMethod
+
+METHODS = ("dense", "hata", "quest", "loki")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYER = 5  # any sparse layer index; the methods keep per-layer state under it
+
+
+@dataclass
+class BenchConfig:
+    contexts: tuple[int, ...] = (8192, 32768, 131072)
+    batches: tuple[int, ...] = (1, 8)
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    bits: int = 128
+    budget: float = 2048
+    sink: int = 0
+    recent: int = 1
+    dtypes: tuple[str, ...] = ("float32",)
+    methods: tuple[str, ...] = METHODS
+    repeats: int = 20
+    warmup: int = 3
+    threads: int = 0
+    """Threads for torch and numba (0: all cores)."""
+    max_cache_gib: float = 12.0
+    """Rows whose K+V would exceed this are skipped (reported as skipped)."""
+    seed: int = 0
+    kernels: str = "auto"
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        Budget(self.budget, self.sink, self.recent)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise UserError(f"unknown methods {unknown}: use some of {', '.join(METHODS)}")
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes:
+            raise UserError(f"unknown dtypes {bad}: use some of {', '.join(DTYPES)}")
+        if self.heads % self.kv_heads or self.kv_heads < 1:
+            raise UserError(f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}")
+        for name in ("contexts", "batches"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise UserError(f"--{name} must be positive whole numbers, got {values}")
+        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0:
+            raise UserError("--head-dim and --repeats must be >= 1, --warmup >= 0")
+        if self.kernels not in kernels.BACKENDS:
+            raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
+
+
+@dataclass
+class Row:
+    dtype: str
+    batch: int
+    context: int
+    method: str
+    budget_tokens: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    bytes: int
+    bound_ms: float
+    samples: list[float] = field(default_factory=list)
+    speedup_vs_dense: float | None = None
+    speedup_vs_dense_bound: float | None = None
+
+    @property
+    def of_bound(self) -> float:
+        """Measured time over the bytes-bound time (1 = at the physical limit)."""
+        return self.median_ms / self.bound_ms
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Streaming-read bandwidth in bytes/s: best of ``repeats`` ``torch.sum`` over a ``gib`` GiB tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def _time(step: Callable[[], None], reset: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+        reset()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - t) * 1e3)
+        reset()
+    return samples
+
+
+def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, element: int) -> int:
+    """Bytes one decode step of one layer must read (see the module docstring)."""
+    rows = batch * cfg.kv_heads
+    d = cfg.head_dim
+    selected = rows * k * 2 * d * element
+    if method == "dense":
+        return rows * n * 2 * d * element
+    if method == "hata":
+        return rows * n * cfg.bits // 8 + selected + cfg.kv_heads * d * cfg.bits * 4
+    if method == "quest":
+        return rows * math.ceil(n / 16) * 2 * d * element + selected
+    if method == "loki":
+        rank = max(1, d // 4)
+        return rows * n * rank * element + selected + cfg.kv_heads * d * rank * 4
+    raise UserError(f"unknown method {method!r}")
+
+
+class _Case:
+    """One (dtype, batch, context) cache shared by every method (each keeps its own features)."""
+
+    def __init__(self, cfg: BenchConfig, dtype: torch.dtype, batch: int, n: int) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        h, d = cfg.kv_heads, cfg.head_dim
+        self.n = n
+        self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
+        self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
+        for buffer, shift in ((self.keys, 0.3), (self.values, 0.0)):
+            chunk = 8192
+            for start in range(0, n, chunk):  # fill in slices: no full-size float32 temporary
+                stop = min(n, start + chunk)
+                part = torch.randn(batch, h, stop - start, d, generator=gen) + shift
+                buffer.data[:, :, start:stop] = part.to(dtype)
+            buffer.length = n
+        self.query = torch.randn(batch, cfg.heads, d, generator=gen).to(dtype)
+        self.new_k = torch.randn(batch, h, 1, d, generator=gen).to(dtype)
+        self.new_v = torch.randn(batch, h, 1, d, generator=gen).to(dtype)
+
+    def cache(self) -> LayerCache:
+        return LayerCache(self.keys, self.values)
+
+
+def _method(name: str, cfg: BenchConfig, case: _Case) -> SelectionMethod | None:
+    if name == "dense":
+        return None
+    if name == "hata":
+        gen = torch.Generator().manual_seed(cfg.seed + 1)  # random W: the speed of learned W is the same
+        return Hata(weights=torch.randn(cfg.kv_heads, cfg.head_dim, cfg.bits, generator=gen))
+    if name == "quest":
+        return Quest(page=16)
+    basis = fit_basis(case.keys.data[:1, :, : min(case.n, 8192)])
+    return Loki(rank=max(1, cfg.head_dim // 4), bases={LAYER: basis})
+
+
+def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> list[float]:
+    """Timed decode steps of one method on ``case``."""
+    cache = case.cache()
+    method = _method(name, cfg, case)
+    if method is not None:
+        method.prepare(cache, LAYER)
+    lengths = {key: b.length for key, b in cache.extras.items()}
+    q, scale = case.query, 1.0 / math.sqrt(cfg.head_dim)
+    b, h, d = q.shape[0], cfg.kv_heads, cfg.head_dim
+    grouped = q.reshape(b, h, cfg.heads // h, d)
+
+    def reset() -> None:
+        case.keys.length = case.values.length = case.n
+        for key, length in lengths.items():
+            cache.extras[key].length = length
+
+    if method is None:
+
+        def step() -> None:
+            cache.append(case.new_k, case.new_v)
+            torch.nn.functional.scaled_dot_product_attention(grouped, cache.keys, cache.values, scale=scale)
+
+    else:
+
+        def step() -> None:
+            start = cache.append(case.new_k, case.new_v)
+            method.on_append(cache, LAYER, start)
+            idx = method.select(q, cache, LAYER, budget)
+            kernels.gather_attention(q, cache.keys, cache.values, idx, scale)
+
+    try:
+        return _time(step, reset, cfg.warmup, cfg.repeats)
+    finally:
+        reset()
+        cache.extras.clear()
+
+
+def machine() -> dict[str, object]:
+    info: dict[str, object] = {"cores": os.cpu_count(), "torch": torch.__version__}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, object]:
+    cfg.validate()
+    import numba
+
+    threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    note = progress or (lambda _msg: None)
+    load_start = load_average()
+    bandwidth = [measure_bandwidth()]
+    rows: list[Row] = []
+    skipped = []
+    with kernels.use_backend(cfg.kernels):
+        for dtype_name in cfg.dtypes:
+            dtype = DTYPES[dtype_name]
+            element = torch.finfo(dtype).bits // 8
+            for batch in cfg.batches:
+                for n in cfg.contexts:
+                    gib = batch * cfg.kv_heads * n * 2 * cfg.head_dim * element / 2**30
+                    if gib > cfg.max_cache_gib:
+                        skipped.append({"dtype": dtype_name, "batch": batch, "context": n, "cache_gib": gib})
+                        note(f"skip {dtype_name} B={batch} N={n}: K+V {gib:.1f} GiB > --max-cache-gib")
+                        continue
+                    note(f"{dtype_name} B={batch} N={n}: filling {gib:.2f} GiB of K/V")
+                    case = _Case(cfg, dtype, batch, n)
+                    budget = Budget(cfg.budget, cfg.sink, cfg.recent)
+                    k = budget.tokens(n + 1)
+                    for name in cfg.methods:
+                        note(f"{dtype_name} B={batch} N={n}: {name}")
+                        samples = run_case(cfg, case, name, budget)
+                        nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
+                        qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+                        rows.append(
+                            Row(
+                                dtype_name,
+                                batch,
+                                n,
+                                name,
+                                n + 1 if name == "dense" else k,
+                                statistics.median(samples),
+                                qs[0],
+                                qs[-1],
+                                nbytes,
+                                0.0,
+                                samples,
+                            )
+                        )
+                    del case
+    bandwidth.append(measure_bandwidth())
+    best = max(bandwidth)
+    for row in rows:
+        row.bound_ms = row.bytes / best * 1e3
+    for row in rows:
+        dense = next(
+            (
+                r
+                for r in rows
+                if r.method == "dense"
+                and (r.dtype, r.batch, r.context) == (row.dtype, row.batch, row.context)
+            ),
+            None,
+        )
+        if dense is not None:
+            row.speedup_vs_dense = dense.median_ms / row.median_ms
+            row.speedup_vs_dense_bound = dense.bound_ms / row.median_ms
+    return {
+        "config": asdict(cfg),
+        "machine": {
+            **machine(),
+            "threads": threads,
+            "load_average_start": load_start,
+            "load_average_end": load_average(),
+        },
+        "bandwidth_gbs": [b / 1e9 for b in bandwidth],
+        "bandwidth_used_gbs": best / 1e9,
+        "rows": [{**asdict(r), "of_bound": r.of_bound} for r in rows],
+        "skipped": skipped,
+        "checks": targets(rows),
+    }
+
+
+def targets(rows: list[Row]) -> list[dict[str, object]]:
+    """The issue's targets on every (dtype, batch, context) that has hata and dense rows."""
+    checks = []
+    for hata in (r for r in rows if r.method == "hata"):
+        same = {
+            r.method: r
+            for r in rows
+            if (r.dtype, r.batch, r.context) == (hata.dtype, hata.batch, hata.context)
+        }
+        check: dict[str, object] = {"dtype": hata.dtype, "batch": hata.batch, "context": hata.context}
+        if "dense" in same:
+            check["vs_dense"] = hata.speedup_vs_dense
+            check["vs_dense_bound"] = hata.speedup_vs_dense_bound
+        check["of_own_bound"] = hata.of_bound
+        for other in ("quest", "loki"):
+            if other in same:
+                check[f"vs_{other}"] = same[other].median_ms / hata.median_ms
+        checks.append(check)
+    return checks
+
+
+def plot(result: dict[str, object], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    assert isinstance(rows, list)
+    panels = sorted({(r["dtype"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (dtype, batch) in zip(axes[0], panels, strict=True):
+        for method in METHODS:
+            mine = sorted(
+                (r for r in rows if (r["dtype"], r["batch"], r["method"]) == (dtype, batch, method)),
+                key=lambda r: r["context"],
+            )
+            if not mine:
+                continue
+            xs = [r["context"] for r in mine]
+            line = ax.plot(xs, [r["median_ms"] for r in mine], marker="o", label=method)[0]
+            ax.plot(xs, [r["bound_ms"] for r in mine], linestyle=":", color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("per-layer decode step (ms)")
+        ax.set_title(f"{dtype}, batch {batch} (dotted: bytes / bandwidth)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,61 @@
+"""``lmexec hata bench`` on a tiny cache: every method runs, bytes and bounds are consistent, the JSON and
+PNG are written; bad flags are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmexec.cli import main
+from lmexec.hata.bench import BenchConfig, method_bytes
+
+
+def test_bench_cli_small(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main(
+        [
+            "hata", "bench", "--contexts", "300,1000", "--batch", "1,2", "--heads", "4", "--kv-heads", "2",
+            "--head-dim", "16", "--bits", "64", "--budget", "64", "--dtype", "float32,bfloat16",
+            "--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out), "--png", str(png),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert png.stat().st_size > 0
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2 * 4
+    assert {r["method"] for r in rows} == {"dense", "hata", "quest", "loki"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["bytes"] > 0
+        assert r["bound_ms"] == pytest.approx(r["bytes"] / (result["bandwidth_used_gbs"] * 1e9) * 1e3)
+        assert r["budget_tokens"] == (r["context"] + 1 if r["method"] == "dense" else 64)
+    assert len(result["checks"]) == 8
+    assert "vs ideal dense" in capsys.readouterr().out
+
+
+def test_bytes_per_method():
+    cfg = BenchConfig(heads=32, kv_heads=8, head_dim=128, bits=128)
+    n, k = 131072, 2048
+    assert method_bytes("dense", cfg, 1, n, n, 4) == 8 * n * 2 * 128 * 4
+    rows = 8 * k * 2 * 128 * 4
+    assert method_bytes("hata", cfg, 1, n, k, 4) == 8 * n * 16 + rows + 8 * 128 * 128 * 4
+    assert method_bytes("quest", cfg, 1, n, k, 4) == 8 * (n // 16) * 2 * 128 * 4 + rows
+    assert method_bytes("loki", cfg, 1, n, k, 4) == 8 * n * 32 * 4 + rows + 8 * 128 * 32 * 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--methods", "dense,magic"], "unknown methods"),
+        (["--dtype", "float8"], "unknown dtypes"),
+        (["--heads", "6", "--kv-heads", "4"], "multiple of --kv-heads"),
+        (["--contexts", "1k"], "comma-separated whole numbers"),
+        (["--bits", "100"], "hash bits"),
+        (["--kernels", "cuda"], "--kernels must be one of"),
+    ],
+)
+def test_bench_bad_flags(capsys, flags, message):
+    assert main(["hata", "bench", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
