@@ -12,6 +12,7 @@ from lmexec.errors import UserError
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
+from lmexec.hata.codes import unpack_bits
 from lmexec.hata.kernels import cpu
 from lmexec.hata.kernels import reference as ref
 from lmexec.hata.selection import SimHash, top_k_indices
@@ -21,6 +22,8 @@ SHAPES = [  # batch, kv heads, group, keys, head_dim, bits
     (2, 3, 3, 37, 16, 64),
     (1, 2, 4, 513, 32, 128),
     (3, 2, 2, 700, 8, 256),
+    (2, 2, 3, 129, 16, 128),  # 128-bit codes, group of 3: the count-bit-plane path
+    (1, 1, 16, 70, 8, 128),  # group of 16: the plain loop
 ]
 
 
@@ -43,8 +46,27 @@ def _codes(query, keys, w):
 def test_encode_and_scores_exact(shape):
     query, keys, _, w = _data(*shape)
     qc, kc = _codes(query, keys, w)
-    assert torch.equal(cpu.encode(keys, w), kc)
+    if keys.shape[2] > cpu.SMALL_ENCODE_ROWS:  # prefill path: the reference's matmul, then packing
+        assert torch.equal(cpu.encode(keys, w), kc)
     assert torch.equal(cpu.hamming_scores(qc, kc), ref.hamming_scores(qc, kc))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_small_encode(shape):
+    """Decode-sized encodes are fused (fp64 accumulation): bits equal the reference wherever the
+    projection is not within rounding of 0."""
+    query, keys, _, w = _data(*shape)
+    for rows in (
+        keys[:, :, :1],
+        keys[:, :, : cpu.SMALL_ENCODE_ROWS],
+        query.reshape(*keys.shape[:2], -1, keys.shape[3]),
+    ):
+        got, want = cpu.encode(rows, w), ref.encode(rows, w)
+        bits = w.shape[-1]
+        differ = unpack_bits(got, bits) != unpack_bits(want, bits)
+        near_zero = torch.einsum("bhnd,hdr->bhnr", rows, w).abs() < 1e-4
+        assert not bool((differ & ~near_zero).any())
+    assert cpu.encode(keys[:, :, :0], w).shape[2] == 0
 
 
 def _same_up_to_ties(chosen, expected, rank):

@@ -37,6 +37,7 @@ from numba.extending import intrinsic, overload
 from lmexec.hata.kernels import select_threading_layer
 
 ATTN_BLOCK = 64
+PREFETCH_DISTANCE = 16
 
 select_threading_layer()
 _LOCK = threading.Lock()
@@ -52,21 +53,74 @@ def _ctpop(typingctx, x):
     return sig, codegen
 
 
-@nb.njit(cache=True, inline="always", boundscheck=False)
-def _distance(kc, qc, b, h, i, g_count, w_count):
-    """Group-summed Hamming distance of key ``i`` (scalar popcnt: LLVM does not vectorise ctpop on AVX2)."""
-    total = np.uint64(0)
-    if w_count == 2:  # 128-bit codes: unrolled
-        a = kc[b, h, i, 0]
-        c = kc[b, h, i, 1]
-        for g in range(g_count):
-            total += _ctpop(a ^ qc[b, h, g, 0]) + _ctpop(c ^ qc[b, h, g, 1])
-    else:
-        for w in range(w_count):
-            a = kc[b, h, i, w]
+@nb.njit(cache=True, boundscheck=False)
+def _count_planes(qc, b, h):
+    """Bit planes of the group's per-bit counts: for 2-word codes, ``planes[w, t]`` has bit ``j`` set when
+    bit ``t`` of ``c_j = #{g : bit j of q_g is set}`` is set; ``total = sum_j c_j``. Then
+    ``sum_g popcount(x ^ q_g) = total + sum_w (G * popcount(x_w) - 2 * sum_t 2^t popcount(x_w & planes[w, t]))``,
+    a fixed 10 popcounts per key for any group size up to 15."""
+    g_count = qc.shape[2]
+    planes = np.zeros((2, 4), np.uint64)
+    total = 0
+    for w in range(2):
+        for j in range(64):
+            c = 0
             for g in range(g_count):
-                total += _ctpop(a ^ qc[b, h, g, w])
-    return np.int32(total)
+                c += int((qc[b, h, g, w] >> np.uint64(j)) & np.uint64(1))
+            total += c
+            for t in range(4):
+                if (c >> t) & 1:
+                    planes[w, t] |= np.uint64(1) << np.uint64(j)
+    return planes, total
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _distances(qc, kc, b, h, n, out, offset):
+    """``out[i] = offset + sum_g popcount(k_i XOR q_g)`` for the ``n`` keys of (b, h).
+
+    Scalar ``popcnt`` is what limits this loop, so the query codes are held in registers: a fully
+    unrolled body for the common 128-bit / group-of-4 case (8 popcounts per key, LLVM also vectorises it),
+    count bit planes for other groups of 128-bit codes (10 popcounts), a plain loop otherwise.
+    """
+    g_count, w_count = qc.shape[2], qc.shape[3]
+    keys = kc[b, h]
+    if w_count == 2 and g_count == 4:
+        a0, a1 = qc[b, h, 0, 0], qc[b, h, 0, 1]
+        b0, b1 = qc[b, h, 1, 0], qc[b, h, 1, 1]
+        c0, c1 = qc[b, h, 2, 0], qc[b, h, 2, 1]
+        d0, d1 = qc[b, h, 3, 0], qc[b, h, 3, 1]
+        for i in range(n):
+            x = keys[i, 0]
+            y = keys[i, 1]
+            total = (
+                _ctpop(x ^ a0) + _ctpop(y ^ a1) + _ctpop(x ^ b0) + _ctpop(y ^ b1)
+                + _ctpop(x ^ c0) + _ctpop(y ^ c1) + _ctpop(x ^ d0) + _ctpop(y ^ d1)
+            )  # fmt: skip
+            out[i] = np.int32(total) + offset
+    elif w_count == 2 and g_count <= 15:
+        planes, base = _count_planes(qc, b, h)
+        p0, p1, p2, p3 = planes[0, 0], planes[0, 1], planes[0, 2], planes[0, 3]
+        r0, r1, r2, r3 = planes[1, 0], planes[1, 1], planes[1, 2], planes[1, 3]
+        g = np.int64(g_count)
+        for i in range(n):
+            x = keys[i, 0]
+            y = keys[i, 1]
+            ones = np.int64(_ctpop(x) + _ctpop(y))
+            weighted = (
+                np.int64(_ctpop(x & p0) + _ctpop(y & r0))
+                + 2 * np.int64(_ctpop(x & p1) + _ctpop(y & r1))
+                + 4 * np.int64(_ctpop(x & p2) + _ctpop(y & r2))
+                + 8 * np.int64(_ctpop(x & p3) + _ctpop(y & r3))
+            )
+            out[i] = np.int32(base + g * ones - 2 * weighted) + offset
+    else:
+        for i in range(n):
+            total = np.uint64(0)
+            for w in range(w_count):
+                x = keys[i, w]
+                for gg in range(g_count):
+                    total += _ctpop(x ^ qc[b, h, gg, w])
+            out[i] = np.int32(total) + offset
 
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
@@ -78,20 +132,23 @@ def _hamming_topk_kernel(qc, kc, n, k, sink, recent, valid, has_valid, out, scor
         b = task // h_count
         h = task - b * h_count
         ranks = np.empty(n, np.int32)
-        hist = np.zeros(n_bins, np.int64)
-        for i in range(n):
-            distance = _distance(kc, qc, b, h, i, g_count, w_count)
-            if want_scores:
-                scores_out[b, h, i] = distance
-            rank = distance + 1
-            if i < sink or i >= n - recent:
-                rank = 0
-            if has_valid and not valid[b, i]:
-                rank = pad_bin
-            ranks[i] = rank
-            hist[rank] += 1
+        _distances(qc, kc, b, h, n, ranks, np.int32(1))  # rank = 1 + distance
+        if want_scores:
+            for i in range(n):
+                scores_out[b, h, i] = ranks[i] - 1
+        for i in range(min(sink, n)):
+            ranks[i] = 0
+        for i in range(max(0, n - recent), n):
+            ranks[i] = 0
+        if has_valid:
+            for i in range(n):
+                if not valid[b, i]:
+                    ranks[i] = pad_bin
         if k <= 0:
             continue
+        hist = np.zeros(n_bins, np.int64)
+        for i in range(n):
+            hist[ranks[i]] += 1
         below = 0
         threshold = 0
         for threshold in range(n_bins):
@@ -102,23 +159,23 @@ def _hamming_topk_kernel(qc, kc, n, k, sink, recent, valid, has_valid, out, scor
         j = 0
         for i in range(n):
             rank = ranks[i]
-            if rank < threshold:
+            if rank < threshold or (rank == threshold and ties > 0):
+                if rank == threshold:
+                    ties -= 1
                 out[b, h, j] = i
                 j += 1
-            elif rank == threshold and ties > 0:
-                out[b, h, j] = i
-                j += 1
-                ties -= 1
 
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
 def _hamming_scores_kernel(qc, kc, n, out):
-    b_count, h_count, g_count, w_count = qc.shape
+    b_count, h_count = qc.shape[0], qc.shape[1]
     for task in nb.prange(b_count * h_count):
         b = task // h_count
         h = task - b * h_count
+        distance = np.empty(n, np.int32)
+        _distances(qc, kc, b, h, n, distance, np.int32(0))
         for i in range(n):
-            out[b, h, i] = _distance(kc, qc, b, h, i, g_count, w_count)
+            out[b, h, i] = distance[i]
 
 
 @intrinsic
@@ -143,14 +200,15 @@ def _prefetch(typingctx, arr, offset):
 
 
 @nb.njit(cache=True, inline="always", boundscheck=False)
-def _prefetch_rows(rows, idx, b, h, start, stop):
-    """Prefetch rows ``idx[b, h, start:stop]`` of ``rows [B, H, N, F]`` (every 64-byte line): the gathered
-    rows are random, so the hardware prefetcher cannot guess them and each would cost a DRAM latency."""
-    _, h_count, n_rows, f = rows.shape
-    line = max(1, 64 // rows.itemsize)
-    base = (b * h_count + h) * n_rows
-    for j in range(start, min(stop, idx.shape[2])):
-        first = (base + idx[b, h, j]) * f
+def _prefetch_row(rows, idx, b, h, j):
+    """Prefetch row ``idx[b, h, j]`` of ``rows [B, H, N, F]`` (every 64-byte line; nothing past the list).
+
+    Gathered rows are random, so the hardware prefetcher cannot guess them and each would cost a full
+    DRAM latency; prefetching a fixed distance ahead keeps many misses in flight."""
+    if j < idx.shape[2]:
+        _, h_count, n_rows, f = rows.shape
+        first = ((b * h_count + h) * n_rows + idx[b, h, j]) * f
+        line = max(1, 64 // rows.itemsize)
         for off in range(0, f, line):
             _prefetch(rows, first + off)
 
@@ -196,14 +254,15 @@ def _gather_attention_kernel(q, keys, values, idx, scale, keep, has_keep, valid,
         acc = np.zeros((g_count, dv), np.float32)
         logits = np.empty((g_count, ATTN_BLOCK), np.float32)
         scratch = np.empty(max(d, dv), np.float32)
-        _prefetch_rows(keys, idx, b, h, 0, ATTN_BLOCK)
+        for j in range(min(PREFETCH_DISTANCE, k_count)):
+            _prefetch_row(keys, idx, b, h, j)
         for start in range(0, k_count, ATTN_BLOCK):
             size = min(k_count, start + ATTN_BLOCK) - start
-            _prefetch_rows(values, idx, b, h, start, start + size)
-            _prefetch_rows(keys, idx, b, h, start + ATTN_BLOCK, start + 2 * ATTN_BLOCK)
             for jj in range(size):  # logits of the block: each gathered K row read once for the group
                 j = start + jj
                 i = idx[b, h, j]
+                _prefetch_row(keys, idx, b, h, j + PREFETCH_DISTANCE)
+                _prefetch_row(values, idx, b, h, j)  # used after this block's softmax
                 if (has_keep and not keep[b, j]) or (has_valid and not valid[b, i]):
                     for g in range(g_count):
                         logits[g, jj] = -np.inf
@@ -267,6 +326,36 @@ def _pack_kernel(projected, out):
                 if projected[i, 64 * w + j] >= 0:
                     word |= np.uint64(1) << np.uint64(j)
             out[i, w] = word
+
+
+@nb.njit(cache=True, fastmath=False, boundscheck=False)
+def _encode_small_kernel(x, w, out):
+    """Fused ``sign(x @ W[h])`` + pack for a few rows per head (decode: the new key, the query heads).
+
+    ``x [B, H, T, d]`` fp32, ``W [H, d, r]`` fp32, ``out [B, H, T, words]`` uint64. Single-threaded on
+    purpose: a decode step encodes a handful of rows, less work than waking threads. Accumulates in
+    fp64 over ``W``'s contiguous rows, so a bit can differ from the fp32 matmul only where the projection
+    is within rounding of 0."""
+    b_count, h_count, t_count, d = x.shape
+    r = w.shape[2]
+    words = out.shape[3]
+    acc = np.empty(r, np.float64)
+    for b in range(b_count):
+        for h in range(h_count):
+            for t in range(t_count):
+                for j in range(r):
+                    acc[j] = 0.0
+                for c in range(d):
+                    xc = np.float64(x[b, h, t, c])
+                    wrow = w[h, c]
+                    for j in range(r):
+                        acc[j] += xc * wrow[j]
+                for word in range(words):
+                    bits = np.uint64(0)
+                    for j in range(min(64, r - 64 * word)):
+                        if acc[64 * word + j] >= 0:
+                            bits |= np.uint64(1) << np.uint64(j)
+                    out[b, h, t, word] = bits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +484,19 @@ def pack_bits(projected: torch.Tensor) -> torch.Tensor:
     return out.reshape(*projected.shape[:-1], out.shape[1])
 
 
+SMALL_ENCODE_ROWS = 64
+"""Up to this many rows per head (decode steps) the fused single-threaded kernel encodes; more rows
+(prefill) go through one batched matmul, the same as the reference, and the parallel packer."""
+
+
 def encode(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Same projection as the reference (one batched matmul), packed by the numba kernel."""
+    b, h, t, _ = x.shape
+    r = w.shape[-1]
+    if 0 < t <= SMALL_ENCODE_ROWS:
+        out = torch.empty(b, h, t, (r + 63) // 64, dtype=torch.int64)
+        _encode_small_kernel(
+            x.float().contiguous().numpy(), w.float().contiguous().numpy(), out.numpy().view(np.uint64)
+        )
+        return out
     projected = torch.einsum("bhnd,hdr->bhnr", x.float(), w.float())
     return pack_bits(projected)
