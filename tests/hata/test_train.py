@@ -196,3 +196,17 @@ def test_bad_settings_are_user_errors():
         TrainConfig(bits=100).validate()
     with pytest.raises(UserError, match="--positions must be at most"):
         TrainConfig(context=128, positions=100).validate()
+
+
+@pytest.mark.slow
+def test_shipped_weights_fit_smollm2():
+    from transformers import AutoConfig
+
+    from lmexec.hata.models import model_dir
+    from lmexec.hata.weights import default_weights
+
+    path = default_weights("smollm2", 128)
+    assert path is not None
+    weights = load_for_model(path, AutoConfig.from_pretrained(model_dir("smollm2")), 128)
+    assert sorted(weights) == list(range(2, 30))
+    assert '"name": "rank"' in read_metadata(path)["recipe"]
