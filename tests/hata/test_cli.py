@@ -14,7 +14,7 @@ from lmexec.cli import main
         (["--budgets", "64,0"], "budget must be > 0"),
         (["--bits", "100"], "hash bits must be one of 32, 64, 128, 256"),
         (["--methods", "dense,magic"], "unknown method(s) magic"),
-        (["--methods", "hata"], "lmexec hata train"),
+        (["--methods", "hata", "--bits", "64"], "lmexec hata train"),  # no shipped 64-bit weights
         (["--texts", "poetry"], "unknown text kind(s) poetry"),
         (["--positions", "0"], "--positions must be between 1"),
         (["--context", "8"], "--context must be at least 64"),
