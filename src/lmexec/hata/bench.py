@@ -39,6 +39,7 @@ from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import GrowableBuffer, LayerCache
 from lmexec.hata.codes import check_bits
+from lmexec.hata.kernels.cpu import advise_huge_pages
 from lmexec.hata.selection import Hata, Loki, Quest, fit_basis
 from lmexec.hata.selection.base import SelectionMethod
 
@@ -68,6 +69,9 @@ class BenchConfig:
     """Rows whose K+V would exceed this are skipped (reported as skipped)."""
     seed: int = 0
     kernels: str = "auto"
+    huge_pages: bool = True
+    """Back the K/V buffers with 2 MiB pages (``madvise``) as a serving engine would; every method,
+    dense included, reads the same buffers."""
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -103,6 +107,8 @@ class Row:
     bytes: int
     bound_ms: float
     samples: list[float] = field(default_factory=list)
+    cpu_ms: float = 0.0
+    """Median process CPU time of a step (all threads)."""
     speedup_vs_dense: float | None = None
     speedup_vs_dense_bound: float | None = None
 
@@ -124,17 +130,23 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best
 
 
-def _time(step: Callable[[], None], reset: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+def _time(
+    step: Callable[[], None], reset: Callable[[], None], warmup: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU milliseconds of each timed step (CPU time sums all threads, so
+    ``cpu / threads`` is what the step would take on otherwise idle cores)."""
     for _ in range(warmup):
         step()
         reset()
-    samples = []
+    samples, cpu = [], []
     for _ in range(repeats):
+        c = time.process_time()
         t = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
         reset()
-    return samples
+    return samples, cpu
 
 
 def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, element: int) -> int:
@@ -163,6 +175,9 @@ class _Case:
         self.n = n
         self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
         self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
+        self.huge_pages = cfg.huge_pages and all(
+            [advise_huge_pages(self.keys.data), advise_huge_pages(self.values.data)]
+        )  # before the first touch
         for buffer, shift in ((self.keys, 0.3), (self.values, 0.0)):
             chunk = 8192
             for start in range(0, n, chunk):  # fill in slices: no full-size float32 temporary
@@ -190,7 +205,7 @@ def _method(name: str, cfg: BenchConfig, case: _Case) -> SelectionMethod | None:
     return Loki(rank=max(1, cfg.head_dim // 4), bases={LAYER: basis})
 
 
-def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> list[float]:
+def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[list[float], list[float]]:
     """Timed decode steps of one method on ``case``."""
     cache = case.cache()
     method = _method(name, cfg, case)
@@ -275,7 +290,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     k = budget.tokens(n + 1)
                     for name in cfg.methods:
                         note(f"{dtype_name} B={batch} N={n}: {name}")
-                        samples = run_case(cfg, case, name, budget)
+                        samples, cpu = run_case(cfg, case, name, budget)
                         nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
                         qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
                         rows.append(
@@ -291,6 +306,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                                 nbytes,
                                 0.0,
                                 samples,
+                                statistics.median(cpu),
                             )
                         )
                     del case
@@ -319,6 +335,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             "load_average_start": load_start,
             "load_average_end": load_average(),
         },
+        "huge_pages": cfg.huge_pages,
         "bandwidth_gbs": [b / 1e9 for b in bandwidth],
         "bandwidth_used_gbs": best / 1e9,
         "rows": [{**asdict(r), "of_bound": r.of_bound} for r in rows],
@@ -344,6 +361,8 @@ def targets(rows: list[Row]) -> list[dict[str, object]]:
         for other in ("quest", "loki"):
             if other in same:
                 check[f"vs_{other}"] = same[other].median_ms / hata.median_ms
+                # > 1: HATA as measured beats any implementation of the other method on this machine
+                check[f"vs_{other}_bound"] = same[other].bound_ms / hata.median_ms
         checks.append(check)
     return checks
 

@@ -46,6 +46,12 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--kernels", default="auto", help="kernel backend: auto, torch, numba, triton (default: auto)"
     )
+    bench.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="back the K/V buffers with 2 MiB pages via madvise (default: on)",
+    )
     bench.add_argument("--json", default=None, help="write the full result here")
     bench.add_argument("--png", default=None, help="plot latency vs context here")
     bench.set_defaults(handler=_bench)
@@ -93,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_cache_gib=args.max_cache_gib,
         kernels=args.kernels,
+        huge_pages=args.huge_pages,
     )
     cfg.validate()
     result = run_bench(cfg, lambda msg: console.print(f"[dim]{msg}[/dim]"))
@@ -109,6 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
             "k",
             "median ms",
             "p10-p90 ms",
+            "cpu ms",
             "MB read",
             "bound ms",
             "x bound",
@@ -124,6 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
                 r["budget_tokens"],
                 r["median_ms"],
                 f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}",
+                r["cpu_ms"],
                 r["bytes"] / 1e6,
                 r["bound_ms"],
                 r["of_bound"],
@@ -133,6 +142,16 @@ def _bench(args: argparse.Namespace) -> int:
             for r in result["rows"]
         ],
     )
+    print_table(
+        "HATA against the targets (speedups: other time / HATA time; 'bound' = bytes / bandwidth)",
+        ("dtype", "batch", "context", "vs dense", "vs ideal dense", "x own bound", "vs quest", "vs loki",
+         "vs quest bound", "vs loki bound"),
+        [
+            (c["dtype"], c["batch"], c["context"], c.get("vs_dense"), c.get("vs_dense_bound"), c["of_own_bound"],
+             c.get("vs_quest"), c.get("vs_loki"), c.get("vs_quest_bound"), c.get("vs_loki_bound"))
+            for c in result["checks"]
+        ],
+    )  # fmt: skip
     if args.json:
         console.print(f"wrote {write_json(args.json, result)}")
     if args.png:
