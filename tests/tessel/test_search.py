@@ -145,3 +145,23 @@ def test_other_micro_batch_counts_reuse_the_repetend() -> None:
     result = search(build_placement("vshape", 4, capacity=4), 8, **FAST)
     long = schedule_for(result, 64, time_limit=0.5)
     assert long.validate() == [] and long.makespan == 4 * (64 + 3)
+
+
+@pytest.mark.parametrize(
+    "shape, devices, most",
+    [("interleaved", 32, 10), ("nnshape", 16, 13), ("nnshape", 32, 12), ("mllm", 32, 12), ("kshape", 16, 8)],
+)
+def test_greedy_repetend_is_valid_and_near_the_bound(shape: str, devices: int, most: int) -> None:
+    """The greedy upper bound / fallback: milliseconds, a few units above the work bound, valid unrolled."""
+    from lmexec.tessel.search.completion import complete, to_schedule
+    from lmexec.tessel.search.greedy import greedy_repetend
+    from lmexec.tessel.search.repetend import steady_memory_fits
+
+    memory = 2 * devices if shape == "interleaved" else devices
+    prob = IntProblem.build(build_placement(shape, devices, capacity=memory))
+    rep = greedy_repetend(prob)
+    assert rep is not None and max(prob.work) <= rep.period <= most
+    assert steady_memory_fits(prob, rep)
+    n = rep.in_flight(prob) + 2
+    done = complete(prob, rep, n, 0.5)
+    assert to_schedule(prob, done.starts, n, "greedy").validate() == []

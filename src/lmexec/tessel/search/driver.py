@@ -20,6 +20,7 @@ from lmexec.tessel.placement import Placement
 from lmexec.tessel.schedule import Schedule
 from lmexec.tessel.search import repetend as rp
 from lmexec.tessel.search.completion import Completion, complete, to_schedule
+from lmexec.tessel.search.greedy import greedy_repetend
 from lmexec.tessel.search.minimum import single_batch_minimum
 from lmexec.tessel.search.problem import IntProblem
 from lmexec.tessel.search.window import ALL, solve_window
@@ -30,6 +31,9 @@ CANDIDATE_MIN = 0.5  # seconds
 SPAN_SHARE = 0.15
 COMPLETION_SHARE = 0.1  # of the time limit for the warm-up/cool-down solves (they stop early when optimal)
 COMPLETION_MIN = 1.0  # of the time limit, at most, to minimise the final repetend's span
+GREEDY_SHARE = 0.05  # of the repetend time, at most, for the greedy upper bound
+GREEDY_MAX = 1.0
+WARM_FIRST_BLOCKS = 30  # from this many blocks on, an unsettled plain try switches to warm starts first
 REPETEND_SHARE = 0.7  # of the time limit; the rest (at least) goes to completion
 
 Solver = Callable[..., rp.Outcome]
@@ -136,16 +140,20 @@ def find_repetend(
     tried: dict[int, str] = {}
     log: list[tuple[int, str, float]] = []
     best: rp.Repetend | None = None
+    warm_first = False  # once a plain try is unsettled, later candidates start from the warm start
 
     def left() -> float:
         return time_limit - (time.perf_counter() - began)
 
     def attempt(period: int) -> rp.Outcome:
-        nonlocal proven, best
+        nonlocal proven, best, warm_first
         cap = max(CANDIDATE_MIN, left() * CANDIDATE_SHARE)
-        outcome = solve(prob, period, min(cap, left()), workers=workers)
+        extra = {"warm_first": True} if warm_first and solver == "cpsat" else {}
+        outcome = solve(prob, period, min(cap, left()), workers=workers, **extra)
         log.append((period, outcome.status, outcome.seconds))
         tried[period] = outcome.status
+        if outcome.status == rp.UNKNOWN and prob.size >= WARM_FIRST_BLOCKS:
+            warm_first = True
         while tried.get(proven) == rp.INFEASIBLE:
             proven += 1
         if outcome.repetend is not None and (best is None or period < best.period):
@@ -156,15 +164,29 @@ def find_repetend(
                       "seconds": time.perf_counter() - began})  # fmt: skip
         return outcome
 
+    # A greedy modulo schedule bounds the period from above in milliseconds: the solver only looks
+    # below it, and it is the answer when nothing better is settled in time.
+    greedy = greedy_repetend(prob, min(GREEDY_MAX, GREEDY_SHARE * time_limit))
+    if greedy is not None:
+        top = (
+            greedy.period - 1 if greedy.period > low else low
+        )  # at the bound, CP-SAT's is usually more compact
+        log.append((greedy.period, "greedy", time.perf_counter() - began))
     period, step, last_miss = low, 1, low - 1
     while period <= top and left() > 0:
         outcome = attempt(period)
         if outcome.repetend is not None:
             break
         last_miss = period
-        if len(log) >= LINEAR_STEPS and outcome.status == rp.INFEASIBLE:
+        if len(tried) >= LINEAR_STEPS and outcome.status == rp.INFEASIBLE:
             step *= 2  # proven gaps grow fast; an unsettled (timed-out) period says nothing, so go on slowly
         period = min(top, period + step) if period < top else top + 1
+    if best is None and greedy is not None and left() > 0 and all(v == rp.INFEASIBLE for v in tried.values()):
+        attempt(
+            greedy.period
+        )  # every period below was proven infeasible: CP-SAT's repetend is often more compact
+    if best is None:
+        best = greedy
     if best is None:
         return None, proven, log
     lo, hi = last_miss, best.period  # bisection: lo failed (or is below the bound), hi succeeded

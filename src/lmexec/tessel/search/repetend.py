@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
@@ -32,6 +33,7 @@ INFEASIBLE = "infeasible"
 UNKNOWN = "unknown"
 PLAIN_SHARE = 0.4  # of a candidate's time for the model without a hint
 WARM_SHARE = 0.2  # of a candidate's time for the memory-free warm start
+WARM_FIRST_SHARE = 0.35  # the same when the warm start goes first (no plain try)
 WARM_MAX = 2.0
 WARM_MIN = 0.1
 
@@ -98,25 +100,39 @@ def solve_repetend_cpsat(
     seed: int = 0,
     optimize: bool = False,
     hint: Repetend | None = None,
+    warm_first: bool = False,
+    accept: Callable[[Repetend], bool] | None = None,
 ) -> Outcome:
     """Find a repetend of the given period or prove none exists; ``optimize`` minimises its span.
 
     Feasibility alone is much faster to settle; the driver optimises the span only for the final
-    period, starting from the feasible repetend as a hint.
+    period, starting from the feasible repetend as a hint. ``accept`` stops the search at the first
+    solution it accepts (the warm start stops once a solution meets the memory limits).
     """
     began = time.perf_counter()
     if any(d > period for d in prob.duration) or max(prob.work) > period:
         return Outcome(INFEASIBLE, None, 0.0)
     if hint is None and _memory_bound(prob) and time_limit > 3 * WARM_MIN:
         # Plain first (infeasibility proofs are often quick); if unsettled, the most compact repetend
-        # without memory limits, which usually fits them, becomes the hint for a second try.
-        first = solve_repetend_cpsat(prob, period, PLAIN_SHARE * time_limit, workers, seed, optimize, NO_HINT)
-        if first.status != UNKNOWN:
-            return first
+        # without memory limits, which usually fits them, becomes the hint for a second try. With
+        # ``warm_first`` (the driver's choice once a plain try came back unsettled) the warm start
+        # goes first and the plain try is skipped.
+        if not warm_first:
+            first = solve_repetend_cpsat(
+                prob, period, PLAIN_SHARE * time_limit, workers, seed, optimize, NO_HINT
+            )
+            if first.status != UNKNOWN:
+                return first
         free = dataclasses.replace(prob, capacity=(NO_LIMIT,) * prob.num_devices)
-        pre = solve_repetend_cpsat(free, period, min(WARM_SHARE * time_limit, WARM_MAX), workers, seed, True)
+        share = WARM_FIRST_SHARE if warm_first else WARM_SHARE
+        fits = None if optimize else (lambda rep: steady_memory_fits(prob, rep))
+        pre = solve_repetend_cpsat(
+            free, period, min(share * time_limit, WARM_MAX), workers, seed, True, accept=fits
+        )
         if pre.status == INFEASIBLE:
             return Outcome(INFEASIBLE, None, time.perf_counter() - began)
+        if pre.repetend is not None and fits is not None and fits(pre.repetend):
+            return Outcome(FEASIBLE, pre.repetend, time.perf_counter() - began)
         hint = pre.repetend
         time_limit -= time.perf_counter() - began
     if hint is NO_HINT:
@@ -168,14 +184,49 @@ def solve_repetend_cpsat(
     solver.parameters.max_time_in_seconds = max(0.01, time_limit)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
-    status = solver.solve(model)
+    taken = _Taker(period, start, accept) if accept is not None else None
+    status = solver.solve(model, taken)
     seconds = time.perf_counter() - began
+    if taken is not None and taken.rep is not None:
+        return Outcome(FEASIBLE, taken.rep, seconds)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         rep = Repetend(period, tuple(solver.value(s) for s in start))
         return Outcome(OPTIMAL if status == cp_model.OPTIMAL and optimize else FEASIBLE, rep, seconds)
     if status == cp_model.INFEASIBLE:
         return Outcome(INFEASIBLE, None, seconds)
     return Outcome(UNKNOWN, None, seconds)
+
+
+class _Taker(cp_model.CpSolverSolutionCallback):
+    """Stops the search at the first solution that ``accept`` takes."""
+
+    def __init__(self, period: int, start: list, accept: Callable[[Repetend], bool]) -> None:
+        super().__init__()
+        self.period, self.start, self.accept = period, start, accept
+        self.rep: Repetend | None = None
+
+    def on_solution_callback(self) -> None:
+        rep = Repetend(self.period, tuple(self.value(s) for s in self.start))
+        if self.rep is None and self.accept(rep):
+            self.rep = rep
+            self.stop_search()
+
+
+def steady_memory_fits(prob: IntProblem, rep: Repetend) -> bool:
+    """Whether a repetend meets the model's steady-state memory constraint (checked directly)."""
+    period = rep.period
+    for d, on in enumerate(prob.on_device):
+        if not (prob.limited(d) and prob.net[d] == 0 and any(prob.delta[i] > 0 for i in on)):
+            continue
+        holders = [b for b in on if prob.delta[b]]
+        for a in on:
+            if prob.delta[a] > 0:
+                level = prob.static[d] + sum(
+                    prob.delta[b] * ((rep.start[a] - rep.start[b]) // period) for b in holders
+                )
+                if level > prob.capacity[d]:
+                    return False
+    return True
 
 
 def _memory_bound(prob: IntProblem) -> bool:
