@@ -140,6 +140,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
             nbytes = step_bytes(
                 model, batch, cfg.context, None if name == "dense" else k, cfg.dense_layers, cfg.bits
             )
+            sparse_steps = int(settings.stats["steps"])  # decode calls that went sparse (layer x step)
             measured[name] = {
                 "batch": batch,
                 "method": name,
@@ -149,6 +150,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
                 "bytes_per_step": nbytes,
                 "generated": int(out.shape[1] - prompt.shape[1]),
                 "prefill_s": prefill_s,
+                "sparse_layer_steps": sparse_steps,
             }
         rows.extend(measured.values())
     bandwidth.append(measure_bandwidth())
