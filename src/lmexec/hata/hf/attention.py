@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from lmexec.hata.attention import gather_rows, group_queries
+from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataLayer, take_current
 from lmexec.hata.selection.base import VALID_STATE
@@ -80,36 +80,6 @@ def select_valid(
         keep = (indices < n)[:, 0, :]  # every head of a row keeps the same count
         indices = indices.clamp_max(n - 1)
     return indices, keep
-
-
-def gathered_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    scale: float,
-    keep: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Exact softmax attention of ``query [B, H_q, d]`` over the rows ``indices [B, H_kv, K]`` -> ``[B, H_q, d]``.
-
-    ``keep [B, K]`` drops unused slots; ``valid [B, N]`` drops padding that had to be selected (a row
-    with fewer valid keys than the budget).
-    """
-    grouped = group_queries(query, keys.shape[1]).float()  # [B, H_kv, G, d]
-    k_rows = gather_rows(keys, indices).float()
-    v_rows = gather_rows(values, indices).float()
-    logits = torch.matmul(grouped, k_rows.transpose(-1, -2)) * scale  # [B, H_kv, G, K]
-    drop = None
-    if keep is not None:
-        drop = ~keep[:, None, None, :]
-    if valid is not None:
-        bad = ~torch.gather(valid[:, None, :].expand(-1, indices.shape[1], -1), 2, indices)[:, :, None, :]
-        drop = bad if drop is None else drop | bad
-    if drop is not None:
-        logits = logits.masked_fill(drop, float("-inf"))
-    out = torch.matmul(torch.softmax(logits, dim=-1), v_rows)
-    return out.reshape(query.shape[0], query.shape[1], values.shape[-1]).to(query.dtype)
 
 
 def _is_our_buffer(layer: HataLayer, key: torch.Tensor) -> bool:
@@ -173,7 +143,7 @@ def hata_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         storage.state[VALID_STATE] = valid
     scores = settings.method.scores(q, storage, layer_idx)
     indices, keep = select_valid(scores, settings.budget, valid)
-    out = gathered_attention(q, key, value, indices, scale, keep, valid)
+    out = kernels.gather_attention(q, key, value, indices, scale, keep, valid)
     settings.stats["steps"] += 1
     if settings.record_recall:
         _record_recall(layer, q, key, indices, keep, valid, scale)
