@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from lmexec.hata.hf.registry import register_attention
+
 ATTENTION_NAME = "lmexec_capture"
 _recorder: _Recorder | None = None
-_registered = False
 
 
 @dataclass
@@ -43,17 +44,6 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(ATTENTION_NAME, _capture_attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-        _registered = True
-
-
 @dataclass
 class Capture:
     """Per layer: ``queries [B, H_q, P, d]`` at the requested positions, ``keys/values [B, H_kv, T, d]``."""
@@ -74,7 +64,7 @@ def capture(
 ) -> Capture:
     """Run one prefill of ``input_ids [B, T]`` and return the captured q/k/v of ``layers``."""
     global _recorder
-    _register()
+    register_attention(ATTENTION_NAME, _capture_attention)
     previous = model.config._attn_implementation
     recorder = _Recorder(set(layers), query_positions, keep_values)
     model.set_attn_implementation(ATTENTION_NAME)

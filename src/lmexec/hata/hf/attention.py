@@ -22,10 +22,10 @@ import torch
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataLayer, take_current
+from lmexec.hata.hf.registry import register_attention
 from lmexec.hata.selection.base import VALID_STATE
 
 ATTENTION_NAME = "hata"
-_registered = False
 _warned = False
 
 
@@ -163,12 +163,4 @@ def _warn_no_cache() -> None:
 
 def register() -> str:
     """Register ``hata`` with ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(ATTENTION_NAME, hata_attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-        _registered = True
-    return ATTENTION_NAME
+    return register_attention(ATTENTION_NAME, hata_attention)
