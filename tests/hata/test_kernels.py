@@ -113,6 +113,23 @@ def test_topk_with_padding_never_selects_padding_while_real_keys_remain():
         assert bool(valid[1][got[1]].all())
 
 
+@pytest.mark.parametrize("k", [100, 2048, 5000, 8000])
+def test_topk_sampled_threshold_is_exact_even_when_the_sample_misleads(k):
+    """Above ``SAMPLE_KEYS`` keys the threshold is estimated from every ``step``-th key. Here the sampled
+    (even) positions are all near the query and the others far, so the estimate undershoots for large
+    k (the kernel must retry with every key) and overshoots for small k: both stay exact."""
+    n = 2 * cpu.SAMPLE_KEYS + 3  # step 2
+    gen = torch.Generator().manual_seed(11)
+    qc = torch.randint(-(2**62), 2**62, (1, 2, 4, 2), generator=gen)
+    kc = torch.randint(-(2**62), 2**62, (1, 2, n, 2), generator=gen)
+    near = torch.arange(0, n, 2)
+    kc[:, :, near] = qc[:, :, :1] ^ (torch.arange(near.numel()) % 7).view(1, 1, -1, 1)  # tiny distances
+    for sink, recent in ((0, 1), (3, 5)):
+        assert torch.equal(
+            cpu.hamming_topk(qc, kc, k, sink, recent), ref.hamming_topk(qc, kc, k, sink, recent)
+        )
+
+
 def test_topk_reads_cache_views_in_place():
     """Codes kept in a growable buffer are a strided view; the kernel reads the buffer without a copy."""
     query, keys, values, w = _data(2, 2, 2, 100, 16, 128, seed=5)
