@@ -243,3 +243,23 @@ def test_smollm2_full_budget_generate_equals_dense():
     out = greedy(model, ids, steps=16, cache=handle.cache())
     handle.disable()
     assert torch.equal(out, dense)
+
+
+@pytest.mark.parametrize("sink,recent", [(0, 1), (3, 2)])
+def test_fused_hash_selection_equals_select_valid_without_padding(sink, recent):
+    """Decode without padding takes the fused score + top-k kernel; it must choose exactly what
+    ``select_valid`` chooses from the scores (ties to the earlier key: 32-bit codes tie often)."""
+    from lmexec.hata.cache import LayerCache
+    from lmexec.hata.selection import SimHash
+
+    gen = torch.Generator().manual_seed(9)
+    keys, values = torch.randn(2, 3, 777, 16, generator=gen), torch.randn(2, 3, 777, 16, generator=gen)
+    query = torch.randn(2, 6, 16, generator=gen)
+    cache = LayerCache.from_prefill(keys, values)
+    method = SimHash(bits=32)
+    method.prepare(cache, 0)
+    for budget in (Budget(40, sink, recent), Budget(0.1, sink, recent), Budget(5000, sink, recent)):
+        fused = method.select(query, cache, 0, budget)
+        want, keep = select_valid(method.scores(query, cache, 0), budget, None)
+        assert keep is None
+        assert torch.equal(fused, want)

@@ -24,6 +24,7 @@ from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataLayer, take_current
 from lmexec.hata.hf.registry import register_attention
 from lmexec.hata.selection.base import VALID_STATE
+from lmexec.hata.selection.hashing import HashSelection
 
 ATTENTION_NAME = "hata"
 _warned = False
@@ -141,8 +142,13 @@ def hata_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         storage.state.pop(VALID_STATE, None)
     else:
         storage.state[VALID_STATE] = valid
-    scores = settings.method.scores(q, storage, layer_idx)
-    indices, keep = select_valid(scores, settings.budget, valid)
+    if valid is None and isinstance(settings.method, HashSelection):
+        # no padding: the fused score + top-k kernel, same choice as select_valid (ties to the earlier
+        # key, sink/recent forced, position order) without a score tensor or a sort
+        indices, keep = settings.method.select(q, storage, layer_idx, settings.budget), None
+    else:
+        scores = settings.method.scores(q, storage, layer_idx)
+        indices, keep = select_valid(scores, settings.budget, valid)
     out = kernels.gather_attention(q, key, value, indices, scale, keep, valid)
     settings.stats["steps"] += 1
     if settings.record_recall:
