@@ -1,4 +1,4 @@
-"""Profiler: measured placements are well-formed and round-trip unchanged into the search (no processes)."""
+"""Profiler: measured placements are well-formed and round-trip unchanged into the search; in-rank profiling."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import pytest
 from lmexec.cli import main
 from lmexec.tessel.block import BlockKind
 from lmexec.tessel.placement import Placement
+from lmexec.tessel.runtime.launcher import launch
 from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, split_layers, synthetic_batch
 from lmexec.tessel.runtime.pipelining_adapter import stage_chain
-from lmexec.tessel.runtime.profile import profile_stages, profiled_placement, stage_count
+from lmexec.tessel.runtime.profile import (
+    ProfileJob,
+    profile_in_ranks,
+    profile_stages,
+    profiled_placement,
+    stage_count,
+)
 from lmexec.tessel.search.driver import search
 
 CFG = GPTConfig(layers=4, hidden=32, heads=2, vocab=64, seq_len=8)
@@ -65,6 +72,31 @@ def test_profile_cli_writes_a_placement(tmp_path):
             "--vocab", "32", "--seq-len", "4", "--repeats", "1", "--warmup", "0", "-o", str(out)]  # fmt: skip
     assert main(args) == 0
     assert [b["name"] for b in json.loads(out.read_text())["blocks"]] == ["f0", "f1", "b1", "b0"]
+
+
+def test_profile_in_ranks_measures_every_stage_on_its_own_rank():
+    """Two ranks profile the four stages of an interleaved placement at once (stage s on rank s mod 2);
+    rank 0 returns them in stage order, with the same memory figures as a profile taken alone."""
+    job = ProfileJob(CFG, num_stages=4, micro_batch_size=2, warmup=0, repeats=1)
+    together = launch(profile_in_ranks, 2, job, timeout=300)
+    assert together[1] is None
+    alone = _profiles(4)
+    assert [p.stage for p in together[0]] == [0, 1, 2, 3]
+    for a, b in zip(together[0], alone, strict=True):
+        assert a.forward_ms > 0 and a.backward_ms > 0 and a.weight_grad_ms > 0
+        assert (a.activation_mb, a.weight_grad_mb, a.param_mb) == pytest.approx(
+            (b.activation_mb, b.weight_grad_mb, b.param_mb)
+        )
+
+
+@pytest.mark.parametrize("mode", ["ranks", "alone"])
+def test_profile_cli_modes(tmp_path, mode):
+    out = tmp_path / "p.json"
+    args = ["tessel", "profile", "-p", "zerobubble", "-d", "2", "--layers", "2", "--hidden", "16", "--heads",
+            "2", "--vocab", "32", "--seq-len", "4", "--repeats", "1", "--warmup", "0", "--profile-mode", mode,
+            "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert [b["name"] for b in json.loads(out.read_text())["blocks"]] == ["f0", "f1", "i1", "i0", "w1", "w0"]
 
 
 def test_layer_split():

@@ -19,7 +19,9 @@ from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, synthetic_batch
 from lmexec.tessel.runtime.profile import (
     SHAPES,
+    ProfileJob,
     StageProfile,
+    profile_in_ranks,
     profile_stages,
     profiled_placement,
     stage_count,
@@ -58,6 +60,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     p.add_argument("--warmup", type=int, default=2, help="profiling warm-up runs (default 2)")
     p.add_argument("--repeats", type=positive_int, default=5, help="profiling runs, median taken (default 5)")
+    p.add_argument(
+        "--profile-mode", choices=("ranks", "alone"), default="ranks",
+        help="ranks: each of --devices processes profiles its own stages, all at once, so the numbers "
+        "include the sharing of a real run (default); alone: every stage in this one process",
+    )  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads per rank (default 1)")
 
 
@@ -96,15 +103,35 @@ def _config(args: argparse.Namespace) -> GPTConfig:
     return GPTConfig(args.layers, args.hidden, args.heads, args.vocab, args.seq_len)
 
 
-def _profile(args: argparse.Namespace, shape: str) -> tuple[Placement, list[StageProfile]]:
-    cfg = _config(args)
-    n_stages = stage_count(shape, args.devices, args.chunks)
-    stages = build_gpt_stages(cfg, n_stages, args.split, args.seed)
-    inputs, targets = synthetic_batch(cfg, args.micro_batch_size, step=0, seed=args.seed)
-    with console.status(f"profiling {n_stages} stages ..."):
-        profiles = profile_stages(
-            stages, inputs, targets, lm_loss, warmup=args.warmup, repeats=args.repeats, threads=args.threads
-        )
+def _profile_job(args: argparse.Namespace, shape: str) -> ProfileJob:
+    return ProfileJob(
+        _config(args), stage_count(shape, args.devices, args.chunks), args.micro_batch_size, args.split,
+        args.seed, args.warmup, args.repeats,
+    )  # fmt: skip
+
+
+def _profile(
+    args: argparse.Namespace, shape: str, measured: list[StageProfile] | None = None
+) -> tuple[Placement, list[StageProfile]]:
+    """Profile (unless ``measured`` is given) and build the placement."""
+    job = _profile_job(args, shape)
+    if measured is not None:
+        profiles = measured
+    elif args.profile_mode == "ranks":
+        from lmexec.tessel.runtime.launcher import RankFailure, launch
+
+        with console.status(f"profiling {job.num_stages} stages in {args.devices} processes ..."):
+            try:
+                profiles = launch(profile_in_ranks, args.devices, job, threads=args.threads)[0]
+            except RankFailure as error:
+                raise UserError(f"profiling failed: {error}") from None
+    else:
+        stages = build_gpt_stages(job.model, job.num_stages, job.split, job.seed)
+        inputs, targets = synthetic_batch(job.model, job.micro_batch_size, step=0, seed=job.seed)
+        with console.status(f"profiling {job.num_stages} stages ..."):
+            profiles = profile_stages(
+                stages, inputs, targets, lm_loss, warmup=job.warmup, repeats=job.repeats, threads=args.threads
+            )
     return profiled_placement(profiles, shape, args.devices, chunks=args.chunks), profiles
 
 
@@ -137,8 +164,9 @@ class _Prepared:
     job: Any
 
 
-def _prepare(args: argparse.Namespace) -> _Prepared:
-    """Profile (or load), plan and export every schedule; everything a run needs, checked up front."""
+def _prepare(args: argparse.Namespace, measured: list[StageProfile] | None = None) -> _Prepared:
+    """Profile (or load, or take ``measured``), plan and export every schedule; everything a run needs,
+    checked up front."""
     from lmexec.tessel.runtime.pipelining_adapter import require_api, stage_chain
     from lmexec.tessel.runtime.plan import parse_schedules, plan_runs
     from lmexec.tessel.runtime.train import TrainJob
@@ -147,7 +175,7 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     names = parse_schedules(args.schedule)
     cfg = _config(args)
     if args.placement in SHAPES:
-        placement, profiles = _profile(args, args.placement)
+        placement, profiles = _profile(args, args.placement, measured)
         if args.profile_out:
             placement.to_json(args.profile_out)
             console.print(f"profiled placement: {args.profile_out}")
@@ -172,12 +200,16 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
 
 
 def _torchrun_body(ctx: Any, args: argparse.Namespace) -> tuple[_Prepared, list[Any]] | None:
-    """Under torchrun: rank 0 profiles and plans, every rank gets the same job, all train."""
+    """Under torchrun: every rank profiles its stages (or rank 0 alone), rank 0 plans, every rank gets the
+    same job, all train."""
     import torch.distributed as dist
 
     from lmexec.tessel.runtime.train import train_worker
 
-    box: list[Any] = [_prepare(args) if ctx.rank == 0 else None]
+    measured = None
+    if args.placement in SHAPES and args.profile_mode == "ranks":
+        measured = profile_in_ranks(ctx, _profile_job(args, args.placement))  # all ranks at once
+    box: list[Any] = [_prepare(args, measured) if ctx.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     prepared: _Prepared = box[0]
     results = train_worker(ctx, prepared.job)
