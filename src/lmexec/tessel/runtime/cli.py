@@ -17,6 +17,7 @@ from lmexec.reporting import console, print_table, write_json
 from lmexec.tessel.cli import positive_int
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, synthetic_batch
+from lmexec.tessel.runtime.plan import MIN_GAIN
 from lmexec.tessel.runtime.profile import (
     SHAPES,
     ProfileJob,
@@ -84,6 +85,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--time-limit", type=float, default=20.0, help="search seconds (default 20)")
+    p.add_argument(
+        "--min-gain", type=float, default=MIN_GAIN,
+        help="run the searched order only if predicted this fraction faster than the best baseline, else "
+        f"that baseline (default {MIN_GAIN}; 0 = always the searched order)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=900.0, help="stop every rank after this many seconds")
     p.add_argument("--json", help="write config, placement, plans and measurements as JSON")
     p.add_argument("--trace", help="Chrome trace: planned and measured timeline per schedule")
@@ -191,7 +197,7 @@ def _prepare(args: argparse.Namespace, measured: list[StageProfile] | None = Non
             f"{num_stages} stages need at least {num_stages - 2} layers; got --layers {cfg.layers}"
         )
     with console.status("planning schedules ..."):
-        plans = plan_runs(placement, names, args.micro_batches, args.time_limit)
+        plans = plan_runs(placement, names, args.micro_batches, args.time_limit, args.min_gain)
     job = TrainJob(
         cfg, tuple(p.spec for p in plans), args.micro_batches, args.micro_batch_size, args.steps, args.seed,
         args.lr, args.split,

@@ -1,0 +1,39 @@
+"""Planning for the runtime: a searched order must beat the best baseline by --min-gain to be run."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmexec.errors import UserError
+from lmexec.tessel.baselines import applicable_baselines, baseline_schedule
+from lmexec.tessel.runtime.plan import prefer_baseline
+from lmexec.tessel.schedule import Schedule, Task
+from lmexec.tessel.shapes import build_placement
+
+
+def _renamed(schedule: Schedule, name: str) -> Schedule:
+    return Schedule(schedule.placement, schedule.num_micro_batches, schedule.tasks, name)
+
+
+def test_small_predicted_gain_runs_the_best_baseline_instead():
+    placement = build_placement("zerobubble", 2)
+    baselines = applicable_baselines(placement, 8)
+    best = min(baselines.values(), key=lambda s: s.makespan)
+    last = max(best.tasks, key=best.end)  # delaying the very last task keeps the schedule valid
+    tasks = tuple(Task(t.start + 1.0, t.block, t.micro_batch) if t == last else t for t in best.tasks)
+    slower = Schedule(placement, 8, tasks, "tessel-cpsat")
+    assert not slower.validate() and slower.makespan == pytest.approx(best.makespan + 1.0)
+    chosen = prefer_baseline(slower, 0.05)
+    assert chosen.name == f"tessel-cpsat ({best.name})"
+    assert chosen.makespan == pytest.approx(best.makespan)
+    assert not chosen.validate()
+    # equal prediction: with no margin the searched order is kept, with a margin the baseline wins
+    tie = _renamed(best, "tessel-cpsat")
+    assert prefer_baseline(tie, 0.0) is tie
+    assert prefer_baseline(tie, 0.05).name == f"tessel-cpsat ({best.name})"
+
+
+def test_negative_margin_is_a_user_error():
+    placement = build_placement("vshape", 2)
+    with pytest.raises(UserError, match="min-gain"):
+        prefer_baseline(baseline_schedule(placement, "1f1b", 4), -0.1)
