@@ -2,7 +2,8 @@
 
 * :func:`paper_loss` is the reference's objective term by term (docs/hata.md, section "Training"):
   ``eps * L_sim + lambda * L_bal + eta * ||W^T W - I||_F`` on relaxed codes ``tanh(sigma * x W / 2)``.
-  It is computed on label matrices ``[B, H_q, P, T]`` instead of explicit (query, key) pair lists; the
+  It is computed from label matrices ``[B, H_q, P, T]`` instead of explicit (query, key) pair lists
+  (the positive labels as a sparse matrix, the -1 of every other visible pair as a prefix sum); the
   sums are identical (tests compare it with a pair-by-pair loop).
 * :func:`ranking_loss` is this project's default: listwise distillation. Per KV head and query
   position it matches ``softmax(tau * sum_g q_g^ . k^ / r)`` over the visible keys to the group-summed
@@ -42,41 +43,92 @@ def _group_queries(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
     return queries.reshape(b, h_kv, (h_q // h_kv) * p, d)
 
 
+@dataclass(frozen=True)
+class PaperTargets:
+    """The paper's labels in the form the loss needs, built once per layer (they never change).
+
+    With ``V`` the visibility mask, ``labels = A - V``: ``A`` holds ``label + 1`` on the positive pairs
+    (about ``top_frac`` of them) and 0 elsewhere. Then ``sum_t labels[p, t] k_t = A k - prefix_sum(k)[pos_p]``:
+    one sparse product plus a cumulative sum instead of a dense ``[P, T] x [T, r]`` product per head,
+    about 10x less work at ``top_frac = 0.1`` and the same sums.
+    """
+
+    positive: torch.Tensor
+    """Sparse ``[(B * H_q * P), (B * H_kv * T)]``: row of query (b, h, p), column of key (b, h // G, t)."""
+    row_sums: torch.Tensor
+    """``labels.sum(-1)`` ``[B, H_q, P]``."""
+    col_sums: torch.Tensor
+    """``labels.sum(-2)`` ``[B, H_q, T]``."""
+
+    @classmethod
+    def build(cls, labels: torch.Tensor, data: LayerData) -> PaperTargets:
+        b, h_q, p, t = labels.shape
+        h_kv = data.keys.shape[1]
+        g = h_q // h_kv
+        bi, hi, pi, ti = (labels > 0).nonzero(as_tuple=True)
+        rows = (bi * h_q + hi) * p + pi
+        cols = (bi * h_kv + hi // g) * t + ti
+        positive = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]),
+            labels[bi, hi, pi, ti] + 1.0,
+            (b * h_q * p, b * h_kv * t),
+            check_invariants=False,
+        ).coalesce()
+        return cls(positive, labels.sum(-1), labels.sum(-2))
+
+
 def paper_loss(
     w: torch.Tensor,
     data: LayerData,
-    labels: torch.Tensor,
+    labels: torch.Tensor | PaperTargets,
     eps: float = 0.01,
     lam: float = 1.0,
     eta: float = 2.0,
     sigma: float = 0.1,
 ) -> PaperTerms:
-    """Paper loss of ``W`` on ``data`` with ``labels [B, H_q, P, T]`` (0 = not a pair).
+    """Paper loss of ``W`` on ``data`` with ``labels [B, H_q, P, T]`` (0 = not a pair), or the same
+    labels prepared by :meth:`PaperTargets.build` (what training passes: built once per layer).
 
     With N pairs per query head (every visible (query, key)), per query head h:
     ``L_sim = eps/N * sum_h sum_i s_hi ||q^_hi - k^_hi||^2``,
     ``L_bal = lam * sum_h ||sum_i (q^_hi + k^_hi) / (N r)||^2``, ``L_dec = eta * ||W^T W - I||_F``.
     """
+    targets = labels if isinstance(labels, PaperTargets) else PaperTargets.build(labels, data)
     b, h_q, p, _ = data.queries.shape
     h_kv, r = w.shape[0], w.shape[2]
     g = h_q // h_kv
+    t = data.keys.shape[2]
     q_hat = relaxed_codes(_group_queries(data.queries, h_kv), w, sigma).reshape(b, h_q, p, r)
-    k_hat = relaxed_codes(data.keys, w, sigma).repeat_interleave(g, dim=1)  # [B, H_q, T, r]
-    valid = data.valid().expand(b, h_q, p, -1).float()
-    n_pairs = valid[:, 0].sum()  # pairs per query head
+    k_kv = relaxed_codes(data.keys, w, sigma)  # [B, H_kv, T, r]
+    k_hat = k_kv.repeat_interleave(g, dim=1)  # [B, H_q, T, r]
+    # visible pairs: query p sees keys 0..positions[p]
+    visible = (data.positions + 1).to(q_hat.dtype)  # [B, P]
+    n_pairs = visible.sum()  # pairs per query head
+    seen_by = _seen_by(data.positions, t).to(q_hat.dtype)  # [B, T]: queries that see key t
     # sum_i s (|q|^2 + |k|^2 - 2 q.k) with i over (b, p, t):
-    q_sq = (q_hat.square().sum(-1) * labels.sum(-1)).sum()
-    k_sq = (k_hat.square().sum(-1) * labels.sum(-2)).sum()
-    cross = (q_hat * torch.matmul(labels, k_hat)).sum()
+    q_sq = (q_hat.square().sum(-1) * targets.row_sums).sum()
+    k_sq = (k_hat.square().sum(-1) * targets.col_sums).sum()
+    positive = torch.sparse.mm(targets.positive, k_kv.reshape(b * h_kv * t, r)).reshape(b, h_q, p, r)
+    prefix = k_kv.cumsum(dim=2).gather(2, data.positions[:, None, :, None].expand(b, h_kv, p, r))
+    cross = (q_hat * positive).sum() - (q_hat * prefix.repeat_interleave(g, dim=1)).sum()
     similarity = eps * (q_sq + k_sq - 2 * cross) / n_pairs
     # sum_i (q^ + k^) per query head: each query counts once per visible key, each key once per query seeing it
-    code_sum = (q_hat * valid.sum(-1, keepdim=True)).sum(dim=(0, 2)) + (
-        k_hat * valid.sum(-2).unsqueeze(-1)
-    ).sum(dim=(0, 2))  # [H_q, r]
+    code_sum = (q_hat * visible[:, None, :, None]).sum(dim=(0, 2)) + (k_hat * seen_by[:, None, :, None]).sum(
+        dim=(0, 2)
+    )  # [H_q, r]
     balance = lam * (code_sum / (n_pairs * r)).square().sum()
     eye = torch.eye(r, dtype=w.dtype)
     decorrelation = eta * torch.linalg.matrix_norm(w.transpose(1, 2) @ w - eye).square().sum().sqrt()
     return PaperTerms(similarity, balance, decorrelation)
+
+
+def _seen_by(positions: torch.Tensor, t: int) -> torch.Tensor:
+    """``[B, T]``: how many of a text's query positions see key ``t`` (``t <= position``)."""
+    counts = torch.zeros(positions.shape[0], t + 1, dtype=torch.long)
+    counts.scatter_add_(
+        1, positions + 1, torch.ones_like(positions)
+    )  # a query at pos stops seeing at pos + 1
+    return (positions.shape[1] - counts.cumsum(dim=1))[:, :t]
 
 
 def attention_targets(data: LayerData, temperature: float = 1.0) -> torch.Tensor:

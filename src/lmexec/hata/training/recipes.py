@@ -18,7 +18,7 @@ import torch
 from lmexec.errors import UserError
 from lmexec.hata.codes import random_projection
 from lmexec.hata.training.data import LayerData, paper_labels
-from lmexec.hata.training.loss import attention_targets, paper_loss, ranking_loss
+from lmexec.hata.training.loss import PaperTargets, attention_targets, paper_loss, ranking_loss
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,12 @@ def train_layer(
 
 
 def _train_paper(recipe: Recipe, data: LayerData, w0: torch.Tensor, tick: Tick | None) -> torch.Tensor:
-    labels = paper_labels(data.raw_scores(), data.valid(), recipe.top_frac)
+    targets = PaperTargets.build(paper_labels(data.raw_scores(), data.valid(), recipe.top_frac), data)
     w = w0.clone().requires_grad_(True)
     opt = torch.optim.SGD([w], lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     for _ in range(recipe.steps(data.keys.shape[0])):
         opt.zero_grad()
-        loss = paper_loss(w, data, labels, recipe.eps, recipe.lam, recipe.eta, recipe.sigma).total
+        loss = paper_loss(w, data, targets, recipe.eps, recipe.lam, recipe.eta, recipe.sigma).total
         loss.backward()
         opt.step()
         if tick:

@@ -80,10 +80,14 @@ def _spawned(index: int, world: int, port: int, out_dir: str, pg_timeout: float,
     """Body of each spawned process: init, run, write the result, tear down."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = _init(index, world, index, pg_timeout, threads)
-    result = worker(ctx, *args)
-    with open(Path(out_dir) / f"rank{index}.pkl", "wb") as fh:
-        pickle.dump(result, fh)
-    dist.destroy_process_group()
+    try:
+        result = worker(ctx, *args)
+        with open(Path(out_dir) / f"rank{index}.pkl", "wb") as fh:
+            pickle.dump(result, fh)
+    finally:
+        # also on an exception: a process group left alive aborts the interpreter at exit ("terminate
+        # called without an active exception"), which would hide the exception behind a SIGABRT
+        dist.destroy_process_group()
 
 
 def launch(worker: Worker, world: int, *args: Any, timeout: float = 600.0, grace: float = 5.0,

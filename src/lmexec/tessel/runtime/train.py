@@ -1,7 +1,7 @@
 """The per-rank training loop, the single-process reference, and what a run reports.
 
-One :class:`TrainJob` runs several schedules one after the other in the same processes (so they
-are compared on the same machine state): for each, every rank rebuilds the model from the seed,
+One :class:`TrainJob` runs several schedules in the same processes, taking turns step by step (so
+they are compared on the same machine state): for each, every rank rebuilds the model from the seed,
 keeps its stages, and trains ``steps`` steps with AdamW. Each step starts after a barrier; compute
 actions are timed relative to that common start, which gives the measured per-rank timeline.
 """
@@ -97,9 +97,15 @@ def _owned(actions: Actions, rank: int) -> list[int]:
 
 
 def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
-    """Run every schedule of ``job`` on this rank; rank 0 returns the merged results."""
+    """Run every schedule of ``job`` on this rank; rank 0 returns the merged results.
+
+    The schedules take turns step by step (step 0 of each, then step 1 of each, ...): run one after the
+    other, the first paid for the process warming up and each saw a different stretch of a shared
+    machine's load (two runs of the very same order measured 18% apart that way). Each keeps its own
+    model copy and optimizer.
+    """
     torch.manual_seed(job.seed)
-    mine: list[dict[str, Any]] = []
+    runs, optimizers, owned_by_run, records = [], [], [], []
     for spec in job.runs:
         stages = job.stages(spec.num_stages)
         owned = _owned(spec.actions, ctx.rank)
@@ -107,12 +113,17 @@ def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
         run = PipelineRun(
             modules, spec.num_stages, job.micro_batches, spec.actions, lm_loss, ctx.device, ctx.rank
         )
-        optimizer = torch.optim.AdamW(run.parameters(), lr=job.lr)
-        record: dict[str, Any] = {"losses": [], "step": [], "pipe": [], "events": [], "grads": {}}
-        for step in range(job.steps):
-            inputs, targets = job.data(step)
-            if job.fault is not None and job.fault[0] == ctx.rank and job.fault[2] == step:
-                _inject(job.fault[1], ctx.rank)
+        runs.append(run)
+        optimizers.append(torch.optim.AdamW(run.parameters(), lr=job.lr))
+        owned_by_run.append((owned, modules))
+        records.append({"losses": [], "step": [], "pipe": [], "events": [], "grads": {}})
+    for step in range(job.steps):
+        inputs, targets = job.data(step)
+        if job.fault is not None and job.fault[0] == ctx.rank and job.fault[2] == step:
+            _inject(job.fault[1], ctx.rank)
+        for run, optimizer, (owned, modules), record in zip(
+            runs, optimizers, owned_by_run, records, strict=True
+        ):
             dist.barrier()
             t0 = time.perf_counter()
             losses = run.step(inputs, targets, t0)
@@ -134,8 +145,8 @@ def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
             record["events"].append(
                 [(ctx.rank, e.stage, e.kind, e.micro_batch, e.start, e.end) for e in run.events]
             )
-        mine.append(record)
-        del run, optimizer, stages, modules
+    mine = records
+    del runs, optimizers, owned_by_run
     gathered: list[list[dict[str, Any]]] | None = [None] * ctx.world if ctx.rank == 0 else None  # type: ignore[list-item]
     dist.gather_object(mine, gathered, dst=0)
     if ctx.rank != 0:
