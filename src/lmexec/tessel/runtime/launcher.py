@@ -84,6 +84,7 @@ def _spawned(index: int, world: int, port: int, out_dir: str, pg_timeout: float,
         result = worker(ctx, *args)
         with open(Path(out_dir) / f"rank{index}.pkl", "wb") as fh:
             pickle.dump(result, fh)
+        dist.barrier()  # no rank tears down while another still finishes a collective (gloo aborted then)
     finally:
         # also on an exception: a process group left alive aborts the interpreter at exit ("terminate
         # called without an active exception"), which would hide the exception behind a SIGABRT
