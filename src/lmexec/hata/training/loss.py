@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +49,27 @@ class PaperTargets:
     """The paper's labels in the form the loss needs, built once per layer (they never change).
 
     With ``V`` the visibility mask, ``labels = A - V``: ``A`` holds ``label + 1`` on the positive pairs
-    (about ``top_frac`` of them) and 0 elsewhere. Then ``sum_t labels[p, t] k_t = A k - prefix_sum(k)[pos_p]``:
-    one sparse product plus a cumulative sum instead of a dense ``[P, T] x [T, r]`` product per head,
-    about 10x less work at ``top_frac = 0.1`` and the same sums.
+    (about ``top_frac`` of them) and 0 elsewhere, so ``sum_t labels[p, t] k_t = A k - sum_{t <= pos_p} k_t``:
+    one sparse product plus prefix sums of the keys at the query positions, instead of a dense
+    ``[P, T] x [T, r]`` product per query head. Sums that only weigh keys are folded over the GQA group
+    (the heads of a group share their keys), so nothing of size ``[B, H_q, T, r]`` is formed.
     """
 
     positive: torch.Tensor
-    """Sparse ``[(B * H_q * P), (B * H_kv * T)]``: row of query (b, h, p), column of key (b, h // G, t)."""
+    """Sparse CSR ``[(B * H_q * P), (B * H_kv * T)]``: row of query (b, h, p), column of key (b, h // G, t)."""
     row_sums: torch.Tensor
     """``labels.sum(-1)`` ``[B, H_q, P]``."""
-    col_sums: torch.Tensor
-    """``labels.sum(-2)`` ``[B, H_q, T]``."""
+    key_weights: torch.Tensor
+    """``labels.sum(-2)`` summed over each GQA group ``[B, H_kv, T]``."""
+    segment: torch.Tensor
+    """``[B * T]``: key (b, t) -> slot ``b * (P + 1) + i``, ``i`` = the first query (in position order) that sees
+    it, ``P`` if none; prefix sums over the slots give ``sum_{t <= pos} k_t`` at every query."""
+    order: torch.Tensor
+    """``[B, P]``: the queries of each text in position order."""
+    visible: torch.Tensor
+    """``[B, P]``: keys each query sees (``position + 1``)."""
+    seen_by: torch.Tensor
+    """``[B, T]``: queries that see each key."""
 
     @classmethod
     def build(cls, labels: torch.Tensor, data: LayerData) -> PaperTargets:
@@ -68,13 +79,25 @@ class PaperTargets:
         bi, hi, pi, ti = (labels > 0).nonzero(as_tuple=True)
         rows = (bi * h_q + hi) * p + pi
         cols = (bi * h_kv + hi // g) * t + ti
-        positive = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]),
-            labels[bi, hi, pi, ti] + 1.0,
-            (b * h_q * p, b * h_kv * t),
+        coo = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), labels[bi, hi, pi, ti] + 1.0, (b * h_q * p, b * h_kv * t),
             check_invariants=False,
-        ).coalesce()
-        return cls(positive, labels.sum(-1), labels.sum(-2))
+        ).coalesce()  # fmt: skip
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": products with it are what we use
+            warnings.simplefilter("ignore", UserWarning)
+            positive = coo.to_sparse_csr()
+        sorted_pos, order = data.positions.sort(dim=1)
+        first_seer = torch.searchsorted(sorted_pos, torch.arange(t).expand(b, t).contiguous())  # [B, T]
+        segment = (first_seer + torch.arange(b)[:, None] * (p + 1)).reshape(-1)
+        return cls(
+            positive,
+            labels.sum(-1),
+            labels.sum(-2).reshape(b, h_kv, g, t).sum(2),
+            segment,
+            order,
+            (data.positions + 1).to(labels.dtype),
+            (p - first_seer).to(labels.dtype),
+        )
 
 
 def paper_loss(
@@ -93,42 +116,31 @@ def paper_loss(
     ``L_sim = eps/N * sum_h sum_i s_hi ||q^_hi - k^_hi||^2``,
     ``L_bal = lam * sum_h ||sum_i (q^_hi + k^_hi) / (N r)||^2``, ``L_dec = eta * ||W^T W - I||_F``.
     """
-    targets = labels if isinstance(labels, PaperTargets) else PaperTargets.build(labels, data)
+    tg = labels if isinstance(labels, PaperTargets) else PaperTargets.build(labels, data)
     b, h_q, p, _ = data.queries.shape
     h_kv, r = w.shape[0], w.shape[2]
     g = h_q // h_kv
     t = data.keys.shape[2]
     q_hat = relaxed_codes(_group_queries(data.queries, h_kv), w, sigma).reshape(b, h_q, p, r)
-    k_kv = relaxed_codes(data.keys, w, sigma)  # [B, H_kv, T, r]
-    k_hat = k_kv.repeat_interleave(g, dim=1)  # [B, H_q, T, r]
-    # visible pairs: query p sees keys 0..positions[p]
-    visible = (data.positions + 1).to(q_hat.dtype)  # [B, P]
-    n_pairs = visible.sum()  # pairs per query head
-    seen_by = _seen_by(data.positions, t).to(q_hat.dtype)  # [B, T]: queries that see key t
+    k_hat = relaxed_codes(data.keys, w, sigma)  # [B, H_kv, T, r]: shared by the group's query heads
+    n_pairs = tg.visible.sum()  # pairs per query head
     # sum_i s (|q|^2 + |k|^2 - 2 q.k) with i over (b, p, t):
-    q_sq = (q_hat.square().sum(-1) * targets.row_sums).sum()
-    k_sq = (k_hat.square().sum(-1) * targets.col_sums).sum()
-    positive = torch.sparse.mm(targets.positive, k_kv.reshape(b * h_kv * t, r)).reshape(b, h_q, p, r)
-    prefix = k_kv.cumsum(dim=2).gather(2, data.positions[:, None, :, None].expand(b, h_kv, p, r))
-    cross = (q_hat * positive).sum() - (q_hat * prefix.repeat_interleave(g, dim=1)).sum()
+    q_sq = (q_hat.square().sum(-1) * tg.row_sums).sum()
+    k_sq = (k_hat.square().sum(-1) * tg.key_weights).sum()
+    positive = (tg.positive @ k_hat.reshape(b * h_kv * t, r)).reshape(b, h_q, p, r)
+    slots = torch.zeros(h_kv, b * (p + 1), r, dtype=k_hat.dtype)
+    slots = slots.index_add(1, tg.segment, k_hat.transpose(0, 1).reshape(h_kv, b * t, r))
+    prefix = slots.reshape(h_kv, b, p + 1, r).cumsum(dim=2)[:, :, :p].transpose(0, 1)  # [B, H_kv, P, r]
+    in_order = q_hat.gather(2, tg.order[:, None, :, None].expand(b, h_q, p, r))
+    cross = (q_hat * positive).sum() - (in_order.reshape(b, h_kv, g, p, r) * prefix[:, :, None]).sum()
     similarity = eps * (q_sq + k_sq - 2 * cross) / n_pairs
     # sum_i (q^ + k^) per query head: each query counts once per visible key, each key once per query seeing it
-    code_sum = (q_hat * visible[:, None, :, None]).sum(dim=(0, 2)) + (k_hat * seen_by[:, None, :, None]).sum(
-        dim=(0, 2)
-    )  # [H_q, r]
+    key_sum = (k_hat * tg.seen_by[:, None, :, None]).sum(dim=(0, 2))  # [H_kv, r]
+    code_sum = (q_hat * tg.visible[:, None, :, None]).sum(dim=(0, 2)) + key_sum.repeat_interleave(g, dim=0)
     balance = lam * (code_sum / (n_pairs * r)).square().sum()
     eye = torch.eye(r, dtype=w.dtype)
     decorrelation = eta * torch.linalg.matrix_norm(w.transpose(1, 2) @ w - eye).square().sum().sqrt()
     return PaperTerms(similarity, balance, decorrelation)
-
-
-def _seen_by(positions: torch.Tensor, t: int) -> torch.Tensor:
-    """``[B, T]``: how many of a text's query positions see key ``t`` (``t <= position``)."""
-    counts = torch.zeros(positions.shape[0], t + 1, dtype=torch.long)
-    counts.scatter_add_(
-        1, positions + 1, torch.ones_like(positions)
-    )  # a query at pos stops seeing at pos + 1
-    return (positions.shape[1] - counts.cumsum(dim=1))[:, :t]
 
 
 def attention_targets(data: LayerData, temperature: float = 1.0) -> torch.Tensor:
