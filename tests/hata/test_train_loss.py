@@ -73,6 +73,22 @@ def test_loss_equals_pairwise_loop():
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+def test_loss_with_any_labels_equals_pairwise_loop():
+    """Not only the paper's labels: arbitrary values, zeros on visible pairs (no pull), unsorted positions."""
+    g = torch.Generator().manual_seed(8)
+    data = LayerData(
+        queries=torch.randn(2, 4, 3, 5, generator=g),
+        keys=torch.randn(2, 2, 9, 5, generator=g),
+        positions=torch.tensor([[8, 2, 5], [4, 4, 0]]),
+    )
+    w = torch.randn(2, 5, 16, generator=g)
+    labels = torch.randint(-2, 3, (2, 4, 3, 9), generator=g).float() * data.valid()
+    terms = paper_loss(w, data, labels, eps=0.01, lam=1.0, eta=2.0, sigma=0.1)
+    expected = _pairwise_reference(w, data, labels, 0.01, 1.0, 2.0, 0.1)
+    got = (terms.similarity.item(), terms.balance.item(), terms.decorrelation.item())
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_relaxed_codes_are_tanh_half():
     x = torch.randn(1, 2, 4, 3)
     w = torch.randn(2, 3, 32)

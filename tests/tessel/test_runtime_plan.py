@@ -30,6 +30,7 @@ def test_small_predicted_gain_runs_the_best_baseline_instead():
     # equal prediction: with no margin the searched order is kept, with a margin the baseline wins
     tie = _renamed(best, "tessel-cpsat")
     assert prefer_baseline(tie, 0.0) is tie
+    assert prefer_baseline(slower, 0.0) is slower  # 0: the search's result as it is
     assert prefer_baseline(tie, 0.05).name == f"tessel-cpsat ({best.name})"
 
 

@@ -53,7 +53,8 @@ def triton_interpreting() -> bool:
 
 
 def select_threading_layer() -> None:
-    """Prefer numba's OpenMP threading layer (else ``workqueue``) unless ``NUMBA_THREADING_LAYER`` is set.
+    """Prefer numba's OpenMP threading layer (else ``workqueue``) unless ``NUMBA_THREADING_LAYER`` or
+    ``NUMBA_THREADING_LAYER_PRIORITY`` is set.
 
     Must run before numba starts its threads; done when this package is imported, after torch. numba's
     ``omp`` layer then runs on the OpenMP runtime torch has already loaded (its GOMP symbols are global),
@@ -62,7 +63,11 @@ def select_threading_layer() -> None:
     parallel kernel 78 us with ``omp``, 336 us with ``workqueue`` (whose caller only waits while two
     helpers wake up); a torch matmul right after a kernel took as long as on its own.
     """
-    if os.environ.get("NUMBA_THREADING_LAYER") or not numba_available():
+    if (
+        os.environ.get("NUMBA_THREADING_LAYER")
+        or os.environ.get("NUMBA_THREADING_LAYER_PRIORITY")
+        or not numba_available()
+    ):
         return
     import numba
 

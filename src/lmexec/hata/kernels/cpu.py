@@ -1,13 +1,14 @@
 """CPU kernels (numba, ``parallel=True``, cached on disk): fused Hamming score + top-k, gather attention,
 and bit packing for encode.
 
-* :func:`hamming_topk`: one task per (batch, KV head), split over threads. Scores of a block of 512
-  keys are accumulated XOR + popcount (LLVM ``ctpop``) on the 64-bit words, block by block so the
-  block stays in L1, then mapped to a *rank bin* (0 = forced sink/recent key, ``1 + distance``, last bin
-  = padding). Distances are small integers (``<= G * bits``), so the top-k is a counting selection: a
-  histogram of the bins gives the threshold bin and how many ties it contributes, and one more pass
-  over the (L2-resident) ranks writes the chosen positions in ascending order, ties to the earlier key.
-  No sorted array is ever built: O(N) per task, plus ``G * bits`` bins.
+* :func:`hamming_topk`: one task per (batch, KV head), split over threads. Distances are XOR +
+  popcount (LLVM ``ctpop``) on the 64-bit words with the group's query codes in registers, mapped to a
+  *rank bin* (0 = forced sink/recent key, ``1 + distance``, last bin = padding). Distances are small
+  integers (``<= G * bits``), so the top-k is a counting selection: a histogram of about 4096 evenly
+  spaced keys estimates the threshold bin, one pass keeps the positions at or below it (in order), and
+  the candidates' histogram gives the exact threshold and its tie count (a pass over every key when the
+  estimate kept fewer than k). No sorted array is ever built: O(N) per task, plus ``G * bits`` bins;
+  the rank and candidate arrays are scratch reused across calls.
 * :func:`gather_attention`: one task per (batch, KV head); the group's ``G`` query heads share each
   gathered K/V row (GQA). Three passes: logits of every selected K row, softmax weights in place, then
   the weighted V rows; each pass streams its rows with software prefetch a fixed distance ahead, so

@@ -48,8 +48,9 @@ def _group_queries(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
 class PaperTargets:
     """The paper's labels in the form the loss needs, built once per layer (they never change).
 
-    With ``V`` the visibility mask, ``labels = A - V``: ``A`` holds ``label + 1`` on the positive pairs
-    (about ``top_frac`` of them) and 0 elsewhere, so ``sum_t labels[p, t] k_t = A k - sum_{t <= pos_p} k_t``:
+    With ``V`` the visibility mask, ``labels = A - V`` on visible pairs (labels of invisible pairs are
+    ignored: they are not pairs): ``A = labels + V`` is sparse for the paper's labels, ``label + 1`` on the
+    positives (about ``top_frac`` of the pairs) and 0 on the ``-1`` pairs, so ``sum_t labels[p, t] k_t = A k - sum_{t <= pos_p} k_t``:
     one sparse product plus prefix sums of the keys at the query positions, instead of a dense
     ``[P, T] x [T, r]`` product per query head. Sums that only weigh keys are folded over the GQA group
     (the heads of a group share their keys), so nothing of size ``[B, H_q, T, r]`` is formed.
@@ -76,11 +77,12 @@ class PaperTargets:
         b, h_q, p, t = labels.shape
         h_kv = data.keys.shape[1]
         g = h_q // h_kv
-        bi, hi, pi, ti = (labels > 0).nonzero(as_tuple=True)
+        shifted = (labels + data.valid()).masked_fill(~data.valid(), 0.0)  # A = labels + V on visible pairs
+        bi, hi, pi, ti = shifted.nonzero(as_tuple=True)  # paper labels: only the positives (-1 + 1 = 0)
         rows = (bi * h_q + hi) * p + pi
         cols = (bi * h_kv + hi // g) * t + ti
         coo = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), labels[bi, hi, pi, ti] + 1.0, (b * h_q * p, b * h_kv * t),
+            torch.stack([rows, cols]), shifted[bi, hi, pi, ti], (b * h_q * p, b * h_kv * t),
             check_invariants=False,
         ).coalesce()  # fmt: skip
         with warnings.catch_warnings():  # "sparse CSR support is in beta": products with it are what we use

@@ -128,7 +128,10 @@ def _profile(
 
         with console.status(f"profiling {job.num_stages} stages in {args.devices} processes ..."):
             try:
-                profiles = launch(profile_in_ranks, args.devices, job, threads=args.threads)[0]
+                profiles = launch(
+                    profile_in_ranks, args.devices, job, threads=args.threads,
+                    timeout=getattr(args, "timeout", 900.0),
+                )[0]  # fmt: skip
             except RankFailure as error:
                 raise UserError(f"profiling failed: {error}") from None
     else:

@@ -176,7 +176,9 @@ def run_in_this_process(
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     ctx = _init(rank, world, int(os.environ.get("LOCAL_RANK", rank)), pg_timeout, threads)
     try:
-        return rank, worker(ctx, *args)
+        result = worker(ctx, *args)
+        dist.barrier()  # as in _spawned: nobody tears down while another rank is mid-collective
+        return rank, result
     except BaseException:
         print(f"rank {rank} failed:\n{traceback.format_exc()}", flush=True)
         raise

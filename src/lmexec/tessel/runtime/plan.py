@@ -62,6 +62,8 @@ def prefer_baseline(schedule: Schedule, min_gain: float = MIN_GAIN) -> Schedule:
     not predicted at least ``min_gain`` (a fraction) faster than it; the name then says which baseline, e.g. ``tessel-cpsat (1f1b)``."""
     if min_gain < 0:
         raise UserError(f"--min-gain must be >= 0, got {min_gain}")
+    if min_gain == 0:
+        return schedule  # the search's result as it is
     candidates = [
         c
         for c in applicable_baselines(schedule.placement, schedule.num_micro_batches).values()
