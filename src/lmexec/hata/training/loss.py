@@ -77,7 +77,8 @@ class PaperTargets:
         b, h_q, p, t = labels.shape
         h_kv = data.keys.shape[1]
         g = h_q // h_kv
-        shifted = (labels + data.valid()).masked_fill(~data.valid(), 0.0)  # A = labels + V on visible pairs
+        valid = data.valid()
+        shifted = (labels + valid).masked_fill(~valid, 0.0)  # A = labels + V on visible pairs
         bi, hi, pi, ti = shifted.nonzero(as_tuple=True)  # paper labels: only the positives (-1 + 1 = 0)
         rows = (bi * h_q + hi) * p + pi
         cols = (bi * h_kv + hi // g) * t + ti

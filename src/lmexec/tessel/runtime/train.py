@@ -106,26 +106,21 @@ def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
     step (which frees the most memory). Each keeps its own model copy and optimizer.
     """
     torch.manual_seed(job.seed)
-    runs, optimizers, owned_by_run, records = [], [], [], []
+    lanes = []  # per schedule: (pipeline run, optimizer, {owned stage: module}, record)
     for spec in job.runs:
         stages = job.stages(spec.num_stages)
-        owned = _owned(spec.actions, ctx.rank)
-        modules = {s: stages[s] for s in owned}
+        modules = {s: stages[s] for s in _owned(spec.actions, ctx.rank)}
         run = PipelineRun(
             modules, spec.num_stages, job.micro_batches, spec.actions, lm_loss, ctx.device, ctx.rank
         )
-        runs.append(run)
-        optimizers.append(torch.optim.AdamW(run.parameters(), lr=job.lr))
-        owned_by_run.append((owned, modules))
-        records.append({"losses": [], "step": [], "pipe": [], "events": [], "grads": {}})
+        record: dict[str, Any] = {"losses": [], "step": [], "pipe": [], "events": [], "grads": {}}
+        lanes.append((run, torch.optim.AdamW(run.parameters(), lr=job.lr), modules, record))
     for step in range(job.steps):
         inputs, targets = job.data(step)
         if job.fault is not None and job.fault[0] == ctx.rank and job.fault[2] == step:
             _inject(job.fault[1], ctx.rank)
-        turn = [(step + i) % len(runs) for i in range(len(runs))]  # who goes first rotates
-        for run, optimizer, (owned, modules), record in (
-            (runs[i], optimizers[i], owned_by_run[i], records[i]) for i in turn
-        ):
+        for i in range(len(lanes)):
+            run, optimizer, modules, record = lanes[(step + i) % len(lanes)]  # who goes first rotates
             dist.barrier()
             t0 = time.perf_counter()
             losses = run.step(inputs, targets, t0)
@@ -133,8 +128,8 @@ def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
             if job.capture_grads and step == 0:
                 record["grads"] = {
                     f"{s}.{n}": p.grad.detach().clone()
-                    for s in owned
-                    for n, p in modules[s].named_parameters()
+                    for s, module in modules.items()
+                    for n, p in module.named_parameters()
                     if p.grad is not None
                 }
             optimizer.step()
@@ -147,8 +142,8 @@ def train_worker(ctx: RankContext, job: TrainJob) -> list[RunResult] | None:
             record["events"].append(
                 [(ctx.rank, e.stage, e.kind, e.micro_batch, e.start, e.end) for e in run.events]
             )
-    mine = records
-    del runs, optimizers, owned_by_run
+    mine = [record for *_, record in lanes]
+    del lanes
     gathered: list[list[dict[str, Any]]] | None = [None] * ctx.world if ctx.rank == 0 else None  # type: ignore[list-item]
     dist.gather_object(mine, gathered, dst=0)
     if ctx.rank != 0:
