@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import namedtuple
 
 import numba as nb
 import numpy as np
@@ -37,6 +38,8 @@ from numba.extending import intrinsic, overload
 from lmexec.hata.kernels import select_threading_layer
 
 PREFETCH_DISTANCE = 8
+_FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
+"""fastmath without ``nnan``/``ninf``: masked logits are ``-inf`` and must compare as such."""
 
 select_threading_layer()
 _LOCK = threading.Lock()
@@ -50,6 +53,162 @@ def _ctpop(typingctx, x):
         return builder.ctpop(args[0])
 
     return sig, codegen
+
+
+@intrinsic
+def _cttz(typingctx, x):
+    """Index of the lowest set bit of a non-zero ``uint64``."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.IntType(1)(1))
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transposed code blocks ("fast scan"): byte p of the codes of 32 consecutive keys is one 32-byte run,
+# so one AVX2 byte shuffle (vpshufb) looks up 32 keys at once in a 16-entry table per nibble position.
+
+BLOCK_KEYS = 32
+"""Keys per block of the transposed layout (one AVX2 register holds one code byte of 32 keys)."""
+MAX_SCAN_GROUP = 31
+"""Largest GQA group the block scan takes: a code byte adds at most ``8 * G`` per key, kept in 8 bits."""
+
+
+def _fast_scan_available() -> bool:
+    """numba compiles for this host (no ``NUMBA_CPU_NAME``) and the host has AVX2."""
+    import llvmlite.binding as llvm
+
+    if nb.config.CPU_NAME is not None or nb.config.CPU_FEATURES is not None:
+        return False
+    return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+FAST_SCAN = _fast_scan_available()
+"""Whether :func:`hamming_topk` scans code blocks (else the row codes, 3x slower on AVX2 machines)."""
+
+
+@intrinsic
+def _scan_block(typingctx, blocks, offset, tables, out, positions, chunk, limit):
+    """``out[0:32] = 1 + sum_g Hamming(key, q_g)`` for the 32 keys of the code block starting at element
+    ``offset`` of ``blocks`` (``positions`` code bytes of 32 keys each); returns the bit mask (bit ``j``
+    for key ``j``) of the ranks ``<= limit``.
+
+    ``tables`` holds, per code byte ``p``, two 32-byte rows: the group-summed popcount of
+    ``nibble XOR q_g's nibble`` for the low, then the high nibble (16 entries, repeated for both 128-bit
+    lanes). Per byte: split the 32 key bytes into nibbles, two ``vpshufb`` lookups, one byte add; byte
+    sums are widened to 16 bits every ``chunk`` bytes (before they can exceed 255). Where the compile
+    target lacks AVX2 the lookup is emitted element by element (correct, slow, and not chosen by
+    :func:`hamming_topk`).
+    """
+    sig = types.uint64(blocks, offset, tables, out, positions, chunk, limit)
+    i8, i16, i32, i64 = (ir.IntType(w) for w in (8, 16, 32, 64))
+    v32i8, v16i16, v16i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 16)
+
+    def splat(t, n, v):
+        return ir.Constant(ir.VectorType(t, n), [v] * n)
+
+    def codegen(context, builder, signature, args):
+        blocks_v, offset_v, tables_v, out_v, positions_v, chunk_v, limit_v = args
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3)]
+        base, tab, out = builder.gep(arrays[0].data, [offset_v]), arrays[1].data, arrays[2].data
+        if FAST_SCAN:
+            pshufb = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]), "llvm.x86.avx2.pshuf.b"
+            )
+            lookup = lambda table, idx: builder.call(pshufb, [table, idx])  # noqa: E731
+        else:
+
+            def lookup(table, idx):
+                result = ir.Constant(v32i8, None)
+                for lane_byte in range(32):
+                    at = builder.zext(builder.extract_element(idx, i32(lane_byte)), i32)
+                    at = builder.add(at, i32(lane_byte // 16 * 16))
+                    result = builder.insert_element(
+                        result, builder.extract_element(table, at), i32(lane_byte)
+                    )
+                return result
+
+        def load32(ptr, off):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), v32i8.as_pointer()), align=1)
+
+        acc8 = cgutils.alloca_once_value(builder, ir.Constant(v32i8, None))
+        acc_lo = cgutils.alloca_once_value(builder, ir.Constant(v16i16, None))
+        acc_hi = cgutils.alloca_once_value(builder, ir.Constant(v16i16, None))
+        count = cgutils.alloca_once_value(builder, i64(0))
+
+        def widen():
+            a = builder.load(acc8)
+            for first, acc in ((0, acc_lo), (16, acc_hi)):
+                half = builder.shuffle_vector(a, a, ir.Constant(v16i32, list(range(first, first + 16))))
+                builder.store(builder.add(builder.load(acc), builder.zext(half, v16i16)), acc)
+            builder.store(ir.Constant(v32i8, None), acc8)
+            builder.store(i64(0), count)
+
+        with cgutils.for_range(builder, positions_v) as loop:
+            p = loop.index
+            key_bytes = load32(base, builder.mul(p, i64(32)))
+            low = builder.and_(key_bytes, splat(i8, 32, 15))
+            high = builder.and_(builder.lshr(key_bytes, splat(i8, 32, 4)), splat(i8, 32, 15))
+            row = builder.mul(p, i64(64))
+            hits = builder.add(
+                lookup(load32(tab, row), low), lookup(load32(tab, builder.add(row, i64(32))), high)
+            )
+            builder.store(builder.add(builder.load(acc8), hits), acc8)
+            counted = builder.add(builder.load(count), i64(1))
+            builder.store(counted, count)
+            with builder.if_then(builder.icmp_unsigned("==", counted, chunk_v)):
+                widen()
+        widen()
+        limit32 = builder.trunc(limit_v, i32)
+        bound = builder.insert_element(ir.Constant(v16i32, None), limit32, i32(0))
+        bound = builder.shuffle_vector(bound, bound, ir.Constant(v16i32, [0] * 16))
+        mask = i64(0)
+        for first, acc in ((0, acc_lo), (16, acc_hi)):
+            ranks = builder.add(builder.zext(builder.load(acc), v16i32), splat(i32, 16, 1))
+            builder.store(
+                ranks, builder.bitcast(builder.gep(out, [i64(first)]), v16i32.as_pointer()), align=4
+            )
+            below = builder.bitcast(builder.icmp_signed("<=", ranks, bound), ir.IntType(16))
+            mask = builder.or_(mask, builder.shl(builder.zext(below, i64), i64(first)))
+        return mask
+
+    return sig, codegen
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _scan_tables(qc, b, h, tables):
+    """Lookup tables of :func:`_scan_block` for the query group of (b, h)."""
+    g_count, w_count = qc.shape[2], qc.shape[3]
+    for p in range(w_count * 8):
+        for v in range(16):
+            low = np.uint64(0)
+            high = np.uint64(0)
+            for g in range(g_count):
+                byte = (qc[b, h, g, p // 8] >> np.uint64(8 * (p % 8))) & np.uint64(0xFF)
+                low += _ctpop(np.uint64(v) ^ (byte & np.uint64(15)))
+                high += _ctpop(np.uint64(v) ^ (byte >> np.uint64(4)))
+            for lane in (0, 16):
+                tables[p * 64 + lane + v] = np.uint8(low)
+                tables[p * 64 + 32 + lane + v] = np.uint8(high)
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _write_blocks_kernel(codes, start, out):
+    """Scatter row codes ``[B, H, T, words]`` of keys ``start..start+T`` into blocks ``[B, H, NB, 32 * 8 *
+    words]`` (byte ``p`` of key ``32 * blk + j`` at ``out[., ., blk, 32 * p + j]``). Single-threaded: a
+    decode step writes one key per head; a 128K-token prefill takes a few ms."""
+    b_count, h_count, t_count, w_count = codes.shape
+    for b in range(b_count):
+        for h in range(h_count):
+            for t in range(t_count):
+                blk, j = divmod(start + t, BLOCK_KEYS)
+                for w in range(w_count):
+                    word = codes[b, h, t, w]
+                    for byte in range(8):
+                        value = (word >> np.uint64(8 * byte)) & np.uint64(0xFF)
+                        out[b, h, blk, (w * 8 + byte) * BLOCK_KEYS + j] = np.uint8(value)
 
 
 @nb.njit(cache=True, boundscheck=False)
@@ -123,50 +282,82 @@ def _distances(qc, kc, b, h, n, out, offset):
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
 def _hamming_topk_kernel(
-    qc, kc, n, k, sink, recent, valid, has_valid, out, scores_out, want_scores, workspace
+    qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, out, scores_out, want_scores, workspace
 ):
-    b_count, h_count, g_count, w_count = qc.shape
+    for task in nb.prange(qc.shape[0] * qc.shape[1]):
+        _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, out, scores_out,
+                     want_scores, workspace)  # fmt: skip
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, out, scores_out,
+                 want_scores, workspace):  # fmt: skip
+    """Top-k of one (batch, KV head) into ``out[b, h]`` (see :func:`hamming_topk`)."""
+    h_count, g_count, w_count = qc.shape[1], qc.shape[2], qc.shape[3]
     n_bins = g_count * w_count * 64 + 3
     pad_bin = n_bins - 1
-    for task in nb.prange(b_count * h_count):
-        b = task // h_count
-        h = task - b * h_count
-        ranks = workspace[task, 0, :n]
+    b = task // h_count
+    h = task - b * h_count
+    ranks, positions, kept = workspace[task, 0], workspace[task, 1], workspace[task, 2]
+    scan = _make_scan(blocks, use_blocks, task, w_count, g_count)
+    if use_blocks:
+        _scan_tables(qc, b, h, scan.tables)
+    else:
         _distances(qc, kc, b, h, n, ranks, np.int32(1))  # rank = 1 + distance
+    if k <= 0:
         if want_scores:
-            for i in range(n):
-                scores_out[b, h, i] = ranks[i] - 1
-        for i in range(min(sink, n)):
-            ranks[i] = 0
-        for i in range(max(0, n - recent), n):
-            ranks[i] = 0
-        if has_valid:
-            for i in range(n):
-                if not valid[b, i]:
-                    ranks[i] = pad_bin
-        if k <= 0:
-            continue
-        # The k-th smallest rank is estimated from a sample; one pass keeps the keys at or below the
-        # estimate (in position order), and the exact threshold comes from their histogram alone. If the
-        # estimate kept fewer than k keys, the pass is redone keeping every key.
-        estimate = _estimate_threshold(ranks, k, n_bins)
-        candidates = workspace[task, 1, :n]
-        m = _keep_at_most(ranks, estimate, candidates)
-        if m < k:
-            m = _keep_at_most(ranks, pad_bin, candidates)
-        hist = np.zeros(n_bins, np.int64)
-        for c in range(m):
-            hist[ranks[candidates[c]]] += 1
-        threshold, ties = _threshold(hist, k)
-        j = 0
-        for c in range(m):
-            i = candidates[c]
-            rank = ranks[i]
-            if rank < threshold or (rank == threshold and ties > 0):
-                if rank == threshold:
-                    ties -= 1
-                out[b, h, j] = i
-                j += 1
+            _collect(scan, ranks, b, h, n, -1, sink, recent, valid, has_valid, pad_bin, positions, kept,
+                     scores_out, True)  # fmt: skip
+        return
+    # The k-th smallest rank is estimated from a sample; one pass keeps the keys at or below the
+    # estimate (in position order) and the exact threshold comes from their histogram alone. If
+    # fewer than k keys were at or below the estimate, the pass is redone keeping every key.
+    limit = _sample_limit(scan, ranks, b, n, k, sink, recent, valid, has_valid, n_bins)
+    m, good = _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bin, positions,
+                       kept, scores_out, want_scores)  # fmt: skip
+    if good < k:
+        m, good = _collect(scan, ranks, b, h, n, pad_bin, sink, recent, valid, has_valid, pad_bin,
+                           positions, kept, scores_out, False)  # fmt: skip
+    hist = np.zeros(n_bins, np.int64)
+    for c in range(m):
+        hist[kept[c]] += 1
+    threshold, ties = _threshold(hist, k)
+    j = 0
+    for c in range(m):
+        rank = kept[c]
+        if rank < threshold or (rank == threshold and ties > 0):
+            if rank == threshold:
+                ties -= 1
+            out[b, h, j] = positions[c]
+            j += 1
+
+
+_Scan = namedtuple("_Scan", "blocks use_blocks first positions chunk tables scratch")
+"""Where one task's ranks come from: its transposed code blocks (``use_blocks``; ``first`` is the flat
+offset of its first block, ``positions`` code bytes per key, ``chunk`` bytes whose 8-bit sums cannot
+overflow, lookup ``tables``, a 32-rank ``scratch``) or else the task's rank array."""
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _make_scan(blocks, use_blocks, task, words, group):
+    return _Scan(
+        blocks,
+        use_blocks,
+        task * blocks.shape[2] * blocks.shape[3],
+        words * 8,
+        max(1, 255 // (8 * group)),
+        np.empty(words * 8 * 64, np.uint8),
+        np.empty(BLOCK_KEYS, np.int32),
+    )
+
+
+@nb.njit(cache=True, inline="always", boundscheck=False)
+def _scan(scan, base, limit):
+    """Ranks of keys ``base..base+31`` into ``scan.scratch``; the mask of those ``<= limit``."""
+    return _scan_block(
+        scan.blocks, scan.first + base * scan.positions, scan.tables, scan.scratch, scan.positions,
+        scan.chunk, np.int64(limit),
+    )  # fmt: skip
 
 
 SAMPLE_KEYS = 4096
@@ -184,28 +375,82 @@ def _threshold(hist, k):
     return hist.shape[0] - 1, k - below
 
 
+@nb.njit(cache=True, inline="always", boundscheck=False)
+def _final_rank(rank, i, b, n, sink, recent, valid, has_valid, pad_bin):
+    """The rank selection orders key ``i`` by: padding last, then forced sink/recent keys first."""
+    if has_valid and not valid[b, i]:
+        return pad_bin
+    if i < sink or i >= n - recent:
+        return 0
+    return rank
+
+
 @nb.njit(cache=True, boundscheck=False)
-def _estimate_threshold(ranks, k, n_bins):
-    """A rank bin that about ``2k + 16 * step`` keys are at or below, from every ``step``-th key."""
-    n = ranks.shape[0]
-    step = max(1, n // SAMPLE_KEYS)
+def _sample_limit(scan, ranks, b, n, k, sink, recent, valid, has_valid, n_bins):
+    """A rank bin that about ``k + (4 sqrt(k / step) + 8) * step`` keys are at or below (4 standard
+    deviations of the sample count above ``k``), from a ``1/step`` sample: every
+    ``step``-th block when scanning blocks (a block costs about what one scattered key would), else
+    every ``step``-th key."""
     hist = np.zeros(n_bins, np.int64)
     count = 0
-    for i in range(0, n, step):
-        hist[ranks[i]] += 1
-        count += 1
-    want = min(count, (2 * k + step - 1) // step + 16)
+    if scan.use_blocks:
+        n_blocks = -(-n // BLOCK_KEYS)
+        step = max(1, n_blocks // (SAMPLE_KEYS // BLOCK_KEYS))
+        for base in range(0, n, step * BLOCK_KEYS):
+            _scan(scan, base, -1)
+            for j in range(min(BLOCK_KEYS, n - base)):
+                i = base + j
+                hist[_final_rank(scan.scratch[j], i, b, n, sink, recent, valid, has_valid, n_bins - 1)] += 1
+                count += 1
+    else:
+        step = max(1, n // SAMPLE_KEYS)
+        for i in range(0, n, step):
+            hist[_final_rank(ranks[i], i, b, n, sink, recent, valid, has_valid, n_bins - 1)] += 1
+            count += 1
+    expected = k / step  # sampled keys among the true top-k
+    want = min(count, int(expected + 4.0 * math.sqrt(expected)) + 8)
     return _threshold(hist, want)[0]
 
 
 @nb.njit(cache=True, boundscheck=False)
-def _keep_at_most(ranks, limit, out):
-    """Positions ``i`` with ``ranks[i] <= limit``, ascending, into ``out``; returns how many."""
+def _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bin, positions, kept,
+             scores_out, want_scores):  # fmt: skip
+    """One pass over the keys, ``BLOCK_KEYS`` at a time: positions whose rank is ``<= limit``, and every
+    forced key, go (ascending) to ``positions`` with their final rank in ``kept``. Returns how many, and
+    how many of them have a final rank ``<= limit``. With code blocks the ranks are computed here, block
+    by block (no rank array is written)."""
     m = 0
-    for i in range(ranks.shape[0]):  # branch-free: the comparison is unpredictable near the limit
-        out[m] = i
-        m += np.int64(ranks[i] <= limit)
-    return m
+    good = 0
+    full = np.uint64(0xFFFFFFFF)
+    one = np.uint64(1)
+    for base in range(0, n, BLOCK_KEYS):
+        if scan.use_blocks:
+            mask = _scan(scan, base, limit)
+            r = scan.scratch
+        else:
+            r = ranks[base : base + BLOCK_KEYS]  # the workspace is padded to whole blocks
+            mask = np.uint64(0)
+            for j in range(BLOCK_KEYS):
+                mask |= np.uint64(r[j] <= limit) << np.uint64(j)
+        live = min(BLOCK_KEYS, n - base)
+        if want_scores:
+            for j in range(live):
+                scores_out[b, h, base + j] = r[j] - 1
+        if base < sink:
+            mask |= (one << np.uint64(min(BLOCK_KEYS, sink - base))) - one
+        if base + BLOCK_KEYS > n - recent:
+            mask |= full & ~((one << np.uint64(max(0, n - recent - base))) - one)
+        mask &= (one << np.uint64(live)) - one
+        while mask != 0:
+            j = _cttz(mask)
+            mask &= mask - one
+            i = base + j
+            rank = _final_rank(r[j], i, b, n, sink, recent, valid, has_valid, pad_bin)
+            positions[m] = i
+            kept[m] = rank
+            m += 1
+            good += rank <= limit
+    return m, good
 
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
@@ -255,118 +500,149 @@ def _prefetch_row(rows, idx, b, h, j):
             _prefetch(rows, first + off)
 
 
-def _row(rows, b, h, i, scratch):  # pragma: no cover - replaced by the overload below inside numba
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits``."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def _elem(rows, b, h, i, c):  # pragma: no cover - replaced by the overload below inside numba
     raise NotImplementedError
 
 
-@overload(_row, inline="always")
-def _row_impl(rows, b, h, i, scratch):
-    """Row ``rows[b, h, i]`` as fp32: a view for fp32 storage, widened into ``scratch`` for bf16."""
-    if rows.dtype == types.uint16:  # bf16 bits are the high half of an fp32
+@overload(_elem, inline="always")
+def _elem_impl(rows, b, h, i, c):
+    """``rows[b, h, i, c]`` as fp32 (bf16 bits are the high half of an fp32).
 
-        def widen(rows, b, h, i, scratch):
-            src = rows[b, h, i]
-            bits = scratch.view(np.uint32)
-            for c in range(src.shape[0]):
-                bits[c] = np.uint32(src[c]) << np.uint32(16)
-            return scratch
+    Indexed, never viewed: every numba view of ``rows`` bumps the shared array's reference count
+    atomically, and two threads doing that per gathered row fought over one cache line."""
+    if rows.dtype == types.uint16:
+
+        def widen(rows, b, h, i, c):
+            return _f32_from_bits(np.int32(np.uint32(rows[b, h, i, c]) << np.uint32(16)))
 
         return widen
 
-    def view(rows, b, h, i, scratch):
-        return rows[b, h, i]
+    def read(rows, b, h, i, c):
+        return rows[b, h, i, c]
 
-    return view
+    return read
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True, boundscheck=False)
+@nb.njit(cache=True, inline="always", fastmath=_FAST)
+def _exp_nonpositive(x):
+    """``exp(x)`` for float32 ``x <= 0`` (``-inf`` -> 0), 1-2 ulp, in plain arithmetic so a loop of it
+    vectorises (libm's ``exp`` is a scalar call: the softmax pass cost as much as the K pass)."""
+    clamped = max(x, np.float32(-87.0))
+    n = np.floor(clamped * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = clamped - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scaled = p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    return scaled if x >= np.float32(-87.0) else np.float32(0.0)
+
+
+@nb.njit(cache=True, parallel=True, fastmath=_FAST, boundscheck=False)
 def _gather_attention_kernel(q, keys, values, idx, scale, keep, has_keep, valid, has_valid, out):
-    b_count, h_count, g_count, d = q.shape
+    for task in nb.prange(q.shape[0] * q.shape[1]):
+        _gather_task(task, q, keys, values, idx, scale, keep, has_keep, valid, has_valid, out)
+
+
+@nb.njit(cache=True, fastmath=_FAST, boundscheck=False)
+def _gather_task(task, q, keys, values, idx, scale, keep, has_keep, valid, has_valid, out):
+    """Attention of the query group of one (batch, KV head) over its selected rows (see the module doc)."""
+    h_count, g_count, d = q.shape[1], q.shape[2], q.shape[3]
     dv = values.shape[3]
     k_count = idx.shape[2]
-    for task in nb.prange(b_count * h_count):
-        b = task // h_count
-        h = task - b * h_count
-        qs = np.empty((g_count, d), np.float32)
-        for g in range(g_count):
-            for c in range(d):
-                qs[g, c] = q[b, h, g, c] * scale
-        logits = np.empty((g_count, k_count), np.float32)
-        scratch = np.empty(max(d, dv), np.float32)
-        # pass 1: logits; each gathered K row is read once for the whole group
-        for j in range(min(PREFETCH_DISTANCE, k_count)):
-            _prefetch_row(keys, idx, b, h, j)
-        for j in range(k_count):
-            _prefetch_row(keys, idx, b, h, j + PREFETCH_DISTANCE)
-            i = idx[b, h, j]
-            if (has_keep and not keep[b, j]) or (has_valid and not valid[b, i]):
-                for g in range(g_count):
-                    logits[g, j] = -np.inf
-                continue
-            krow = _row(keys, b, h, i, scratch)
-            if g_count == 4:  # the common GQA group: one pass over the row feeds four dot products
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for c in range(d):
-                    kc = krow[c]
-                    s0 += qs[0, c] * kc
-                    s1 += qs[1, c] * kc
-                    s2 += qs[2, c] * kc
-                    s3 += qs[3, c] * kc
-                logits[0, j] = s0
-                logits[1, j] = s1
-                logits[2, j] = s2
-                logits[3, j] = s3
-            else:
-                for g in range(g_count):
-                    dot = np.float32(0.0)
-                    for c in range(d):
-                        dot += qs[g, c] * krow[c]
-                    logits[g, j] = dot
-        for j in range(min(PREFETCH_DISTANCE, k_count)):  # V rows of pass 3 start loading now
-            _prefetch_row(values, idx, b, h, j)
-        # pass 2: softmax weights in place (all logits are known: no running max or rescaling)
-        totals = np.zeros(g_count, np.float32)
-        for g in range(g_count):
-            row = logits[g]
-            top = -np.inf
-            for j in range(k_count):
-                top = max(top, row[j])
-            if top == -np.inf:
-                row[:] = 0.0
-                continue
-            total = np.float32(0.0)
-            for j in range(k_count):
-                p = np.float32(math.exp(row[j] - top))
-                row[j] = p
-                total += p
-            totals[g] = total
-        # pass 3: weighted V rows, each read once for the group; rows no head weighs are skipped
-        acc = np.zeros((g_count, dv), np.float32)
-        for j in range(k_count):
-            _prefetch_row(values, idx, b, h, j + PREFETCH_DISTANCE)
-            live = False
+    b = task // h_count
+    h = task - b * h_count
+    qs = np.empty((g_count, d), np.float32)
+    for g in range(g_count):
+        for c in range(d):
+            qs[g, c] = q[b, h, g, c] * scale
+    logits = np.empty((g_count, k_count), np.float32)
+    # pass 1: logits; each gathered K row is read once for the whole group
+    for j in range(min(PREFETCH_DISTANCE, k_count)):
+        _prefetch_row(keys, idx, b, h, j)
+    for j in range(k_count):
+        _prefetch_row(keys, idx, b, h, j + PREFETCH_DISTANCE)
+        i = idx[b, h, j]
+        if (has_keep and not keep[b, j]) or (has_valid and not valid[b, i]):
             for g in range(g_count):
-                live = live or logits[g, j] != 0.0
-            if not live:
-                continue
-            vrow = _row(values, b, h, idx[b, h, j], scratch)
-            if g_count == 4:
-                p0, p1, p2, p3 = logits[0, j], logits[1, j], logits[2, j], logits[3, j]
-                for c in range(dv):
-                    vc = vrow[c]
-                    acc[0, c] += p0 * vc
-                    acc[1, c] += p1 * vc
-                    acc[2, c] += p2 * vc
-                    acc[3, c] += p3 * vc
-            else:
-                for g in range(g_count):
-                    p = logits[g, j]
-                    for c in range(dv):
-                        acc[g, c] += p * vrow[c]
+                logits[g, j] = -np.inf
+            continue
+        if g_count == 4:  # the common GQA group: one pass over the row feeds four dot products
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for c in range(d):
+                kc = _elem(keys, b, h, i, c)
+                s0 += qs[0, c] * kc
+                s1 += qs[1, c] * kc
+                s2 += qs[2, c] * kc
+                s3 += qs[3, c] * kc
+            logits[0, j] = s0
+            logits[1, j] = s1
+            logits[2, j] = s2
+            logits[3, j] = s3
+        else:
+            for g in range(g_count):
+                dot = np.float32(0.0)
+                for c in range(d):
+                    dot += qs[g, c] * _elem(keys, b, h, i, c)
+                logits[g, j] = dot
+    for j in range(min(PREFETCH_DISTANCE, k_count)):  # V rows of pass 3 start loading now
+        _prefetch_row(values, idx, b, h, j)
+    # pass 2: softmax weights in place (all logits are known: no running max or rescaling)
+    totals = np.zeros(g_count, np.float32)
+    for g in range(g_count):
+        top = np.float32(-np.inf)
+        for j in range(k_count):
+            top = max(top, logits[g, j])
+        if top == -np.inf:
+            logits[g, :] = 0.0
+            continue
+        total = np.float32(0.0)
+        for j in range(k_count):
+            p = _exp_nonpositive(logits[g, j] - top)
+            logits[g, j] = p
+            total += p
+        totals[g] = total
+    # pass 3: weighted V rows, each read once for the group; rows no head weighs are skipped
+    acc = np.zeros((g_count, dv), np.float32)
+    for j in range(k_count):
+        _prefetch_row(values, idx, b, h, j + PREFETCH_DISTANCE)
+        live = False
         for g in range(g_count):
-            inv = np.float32(1.0) / totals[g] if totals[g] > 0 else np.float32(np.nan)
+            live = live or logits[g, j] != 0.0
+        if not live:
+            continue
+        i = idx[b, h, j]
+        if g_count == 4:
+            p0, p1, p2, p3 = logits[0, j], logits[1, j], logits[2, j], logits[3, j]
             for c in range(dv):
-                out[b, h, g, c] = acc[g, c] * inv
+                vc = _elem(values, b, h, i, c)
+                acc[0, c] += p0 * vc
+                acc[1, c] += p1 * vc
+                acc[2, c] += p2 * vc
+                acc[3, c] += p3 * vc
+        else:
+            for g in range(g_count):
+                p = logits[g, j]
+                for c in range(dv):
+                    acc[g, c] += p * _elem(values, b, h, i, c)
+    for g in range(g_count):
+        inv = np.float32(1.0) / totals[g] if totals[g] > 0 else np.float32(np.nan)
+        for c in range(dv):
+            out[b, h, g, c] = acc[g, c] * inv
 
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
@@ -383,28 +659,27 @@ def _pack_kernel(projected, out):
             out[i, w] = word
 
 
-@nb.njit(cache=True, fastmath=False, boundscheck=False)
+@nb.njit(cache=True, fastmath={"contract"}, boundscheck=False)
 def _encode_small_kernel(x, w, out):
     """Fused ``sign(x @ W[h])`` + pack for a few rows per head (decode: the new key, the query heads).
 
     ``x [B, H, T, d]`` fp32, ``W [H, d, r]`` fp32, ``out [B, H, T, words]`` uint64. Single-threaded on
     purpose: a decode step encodes a handful of rows, less work than waking threads. Accumulates in
-    fp64 over ``W``'s contiguous rows, so a bit can differ from the fp32 matmul only where the projection
-    is within rounding of 0."""
+    fp32 (fused multiply-add, 8 lanes) over ``W``'s contiguous rows, so a bit can differ from the
+    reference matmul only where the projection is within rounding of 0."""
     b_count, h_count, t_count, d = x.shape
     r = w.shape[2]
     words = out.shape[3]
-    acc = np.empty(r, np.float64)
+    acc = np.empty(r, np.float32)
     for b in range(b_count):
         for h in range(h_count):
             for t in range(t_count):
                 for j in range(r):
                     acc[j] = 0.0
                 for c in range(d):
-                    xc = np.float64(x[b, h, t, c])
-                    wrow = w[h, c]
-                    for j in range(r):
-                        acc[j] += xc * wrow[j]
+                    xc = x[b, h, t, c]
+                    for j in range(r):  # indexed, not a view per row: views cost atomic refcounts
+                        acc[j] += xc * w[h, c, j]
                 for word in range(words):
                     bits = np.uint64(0)
                     for j in range(min(64, r - 64 * word)):
@@ -482,14 +757,35 @@ _WORKSPACE = np.empty(0, np.int32)
 
 
 def _workspace(tasks: int, n: int) -> np.ndarray:
-    """Scratch ``[tasks, 2, n]`` int32 (ranks and candidate positions), reused across calls (callers hold
-    the lock). A fresh buffer per call would be a fresh ``mmap``: at 128K keys its page faults cost
-    about as much as the selection itself (measured 1.5 ms of 4 ms single-threaded)."""
+    """Scratch ``[tasks, 3, n rounded up to whole blocks]`` int32 (ranks of the row path, kept positions,
+    their ranks), reused across calls (callers hold the lock). A fresh buffer per call would be a fresh
+    ``mmap``: at 128K keys its page faults cost about as much as the selection itself (measured 1.5 ms
+    of 4 ms single-threaded)."""
     global _WORKSPACE
-    need = tasks * 2 * n
+    n = -(-n // BLOCK_KEYS) * BLOCK_KEYS
+    need = tasks * 3 * n
     if _WORKSPACE.size < need:
         _WORKSPACE = np.empty(max(need, 2 * _WORKSPACE.size), np.int32)
-    return _WORKSPACE[:need].reshape(tasks, 2, n)
+    return _WORKSPACE[:need].reshape(tasks, 3, n)
+
+
+_NO_BLOCKS = np.zeros((1, 1, 1, BLOCK_KEYS), np.uint8)
+
+
+def code_blocks_usable(key_codes: torch.Tensor, key_blocks: torch.Tensor | None, group: int) -> bool:
+    """Whether :func:`hamming_topk` can scan ``key_blocks`` for these codes (else it reads the rows)."""
+    if key_blocks is None or not FAST_SCAN or group > MAX_SCAN_GROUP or key_blocks.dtype != torch.uint8:
+        return False
+    b, h, n, words = key_codes.shape
+    kb, kh, blocks, width = key_blocks.shape
+    return (kb, kh, width) == (b, h, BLOCK_KEYS * 8 * words) and blocks * BLOCK_KEYS >= n
+
+
+def write_code_blocks(blocks: torch.Tensor, start: int, codes: torch.Tensor) -> None:
+    """Write the codes of keys ``start..start+T`` (``[B, H, T, words]``) into the transposed block
+    buffer ``blocks [B, H, >= ceil((start+T)/32), 32 * 8 * words]`` (uint8, contiguous) in place."""
+    if codes.shape[2]:
+        _write_blocks_kernel(_np(codes.contiguous()), start, blocks.numpy())
 
 
 def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
@@ -510,17 +806,24 @@ def hamming_topk(
     recent: int = 1,
     valid: torch.Tensor | None = None,
     return_scores: bool = False,
+    key_blocks: torch.Tensor | None = None,
 ):
+    """Fused score + top-k. ``key_blocks``, the same codes in the transposed block layout (kept beside
+    the rows by the hash selection methods), is scanned when :func:`code_blocks_usable`."""
     b, h, n, _ = key_codes.shape
     k = min(k, n)
     out = torch.empty(b, h, k, dtype=torch.int64)
     scores = torch.empty(b, h, n if return_scores else 1, dtype=torch.int32)
     valid_np, has_valid = _mask(valid)
+    use_blocks = code_blocks_usable(key_codes, key_blocks, query_codes.shape[2])
+    blocks = _np(rows_buffer(key_blocks)) if use_blocks and key_blocks is not None else _NO_BLOCKS
     with _LOCK:
         workspace = _workspace(b * h, n)
         _hamming_topk_kernel(
             _np(query_codes.contiguous()),
             _np(rows_buffer(key_codes)),
+            blocks,
+            use_blocks,
             n,
             k,
             sink,

@@ -1,7 +1,8 @@
 """Shared machinery of the hash-code methods (``simhash``, ``hata``): codes kept beside the cache.
 
-Key codes are encoded once when keys enter the cache and stored in a preallocated int64 buffer; a
-decode step encodes the query heads with their KV head's ``W`` and scores ``-sum_g Hamming``.
+Key codes are encoded once when keys enter the cache and stored in a preallocated int64 buffer (on
+CPU also in the numba kernel's transposed block layout, which it scans about 3x faster); a decode step
+encodes the query heads with their KV head's ``W`` and scores ``-sum_g Hamming``.
 Encoding, scoring and the fused score + top-k go through :mod:`lmexec.hata.kernels` (numba on CPU,
 Triton on CUDA, torch reference otherwise).
 """
@@ -14,7 +15,7 @@ import torch
 
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
-from lmexec.hata.cache import LayerCache
+from lmexec.hata.cache import GrowableBuffer, LayerCache
 from lmexec.hata.codes import n_words
 from lmexec.hata.selection.base import VALID_STATE, SelectionMethod
 
@@ -31,10 +32,25 @@ class HashSelection(SelectionMethod):
     def _codes(self, cache: LayerCache):
         return cache.extra(f"{self.name}_codes", n_words(self.bits), torch.int64)
 
+    def _code_blocks(self, cache: LayerCache) -> GrowableBuffer:
+        """The same codes, transposed in blocks of ``CODE_BLOCK_KEYS`` keys (one buffer row per block)."""
+        per_block = kernels.CODE_BLOCK_KEYS
+        return cache.extra(
+            f"{self.name}_code_blocks", per_block * self.bits // 8, torch.uint8, rows_per_token=1 / per_block
+        )
+
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.keys[:, :, start:]
         w = self.projection(layer, keys.shape[1], keys.shape[3]).to(keys.device)
-        self._codes(cache).write(start, kernels.encode(keys, w))
+        codes = kernels.encode(keys, w)
+        rows = self._codes(cache)
+        rows.write(start, codes)
+        if kernels.code_blocks_wanted(codes):
+            blocks = self._code_blocks(cache)
+            needed = -(-rows.length // kernels.CODE_BLOCK_KEYS)
+            blocks.reserve(needed)
+            kernels.write_code_blocks(blocks.data, start, codes)
+            blocks.length = needed
 
     def query_codes(self, query: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
         """Codes of decode queries ``[B, H_q, d]`` -> ``[B, H_kv, G, words]`` (head h uses KV head h // G)."""
@@ -61,6 +77,7 @@ class HashSelection(SelectionMethod):
         key_codes = self._codes(cache).view()
         n = key_codes.shape[2]
         valid = cache.state.get(VALID_STATE)
+        blocks = cache.extras.get(f"{self.name}_code_blocks")
         return kernels.hamming_topk(
             self.query_codes(query, layer, key_codes.shape[1]),
             key_codes,
@@ -68,6 +85,7 @@ class HashSelection(SelectionMethod):
             budget.sink,
             budget.recent,
             valid if isinstance(valid, torch.Tensor) else None,
+            key_blocks=blocks.view() if blocks is not None else None,
         )
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
