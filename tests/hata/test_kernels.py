@@ -4,7 +4,12 @@ tie rule) and as sets up to ties against ``top_k_indices``, attention outputs to
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
+import numba as nb
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +234,150 @@ def test_dispatch(monkeypatch):
     with pytest.raises(UserError):
         with kernels.use_backend("cuda"):
             pass
+
+
+def _blocks_of(codes):
+    b, h, n, words = codes.shape
+    blocks = torch.zeros(
+        b, h, -(-n // kernels.CODE_BLOCK_KEYS), kernels.CODE_BLOCK_KEYS * 8 * words, dtype=torch.uint8
+    )
+    kernels.write_code_blocks(blocks, 0, codes)
+    return blocks
+
+
+def test_code_blocks_layout():
+    """Byte ``p`` (little-endian within the int64 words) of key ``32 * blk + j`` is at ``[., ., blk, 32p + j]``."""
+    codes = torch.randint(-(2**62), 2**62, (2, 3, 70, 2), generator=torch.Generator().manual_seed(1))
+    blocks = _blocks_of(codes)
+    as_bytes = codes.contiguous().view(torch.uint8)  # [2, 3, 70, 16]
+    for key in (0, 31, 32, 69):
+        blk, j = divmod(key, 32)
+        assert torch.equal(blocks[:, :, blk, j::32], as_bytes[:, :, key])
+
+
+@pytest.mark.skipif(not cpu.FAST_SCAN, reason="the block scan needs AVX2")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_scanning_code_blocks_equals_reference(shape):
+    query, keys, _, w = _data(*shape)
+    qc, kc = _codes(query, keys, w)
+    blocks = _blocks_of(kc)
+    assert cpu.code_blocks_usable(kc, blocks, qc.shape[2])
+    n = keys.shape[2]
+    valid = torch.ones(keys.shape[0], n, dtype=torch.bool)
+    valid[0, : n // 3] = False
+    for k in (1, 5, 64, 600, 10_000):
+        for sink, recent in ((0, 0), (0, 1), (2, 3)):
+            want = ref.hamming_topk(qc, kc, k, sink, recent)
+            assert torch.equal(cpu.hamming_topk(qc, kc, k, sink, recent, key_blocks=blocks), want)
+            padded = ref.hamming_topk(qc, kc, k, sink, recent, valid)
+            assert torch.equal(cpu.hamming_topk(qc, kc, k, sink, recent, valid, key_blocks=blocks), padded)
+    _, scores = cpu.hamming_topk(qc, kc, 3, return_scores=True, key_blocks=blocks)
+    assert torch.equal(scores.long(), ref.hamming_scores(qc, kc))
+
+
+@pytest.mark.skipif(not cpu.FAST_SCAN, reason="the block scan needs AVX2")
+def test_topk_scanning_code_blocks_is_exact_when_the_sample_misleads():
+    """Blocks are sampled whole (every ``step``-th block): here the sampled blocks are all near the query
+    and the others far, so the estimate undershoots for large k and the kernel must rescan."""
+    n = 64 * cpu.SAMPLE_KEYS + 5
+    gen = torch.Generator().manual_seed(12)
+    qc = torch.randint(-(2**62), 2**62, (1, 2, 4, 2), generator=gen)
+    kc = torch.randint(-(2**62), 2**62, (1, 2, n, 2), generator=gen)
+    step = -(-n // 32) // (cpu.SAMPLE_KEYS // 32)
+    near = torch.cat([torch.arange(s, min(n, s + 32)) for s in range(0, n, 32 * step)])
+    kc[:, :, near] = qc[:, :, :1] ^ (torch.arange(near.numel()) % 7).view(1, 1, -1, 1)
+    blocks = _blocks_of(kc)
+    for k in (100, 5000, 20_000):
+        assert torch.equal(
+            cpu.hamming_topk(qc, kc, k, 1, 1, key_blocks=blocks), ref.hamming_topk(qc, kc, k, 1, 1)
+        )
+
+
+def test_code_blocks_refused_when_stale_or_mismatched():
+    _, keys, _, w = _data(1, 2, 4, 100, 16, 128)
+    kc = ref.encode(keys, w)
+    blocks = _blocks_of(kc)
+    assert not cpu.code_blocks_usable(kc, blocks[:, :, :3], 4)  # covers 96 of 100 keys
+    assert not cpu.code_blocks_usable(kc, blocks[:1, :1], 4)
+    assert not cpu.code_blocks_usable(kc, blocks, cpu.MAX_SCAN_GROUP + 1)
+    assert not cpu.code_blocks_usable(kc, None, 4)
+
+
+def _keys_of(blocks, n):
+    """Undo the block layout: the code bytes ``[B, H, n, bytes]`` of the first ``n`` keys."""
+    b, h, n_blocks, width = blocks.shape
+    per_key = width // kernels.CODE_BLOCK_KEYS
+    keys = blocks.reshape(b, h, n_blocks, per_key, kernels.CODE_BLOCK_KEYS).transpose(-1, -2)
+    return keys.reshape(b, h, n_blocks * kernels.CODE_BLOCK_KEYS, per_key)[:, :, :n]
+
+
+def test_hash_methods_keep_code_blocks_in_step_with_rows():
+    """Prefill, then appends across block boundaries and a rewind (as the benchmark does): the block
+    buffer always holds the row codes transposed, and selection through it equals the torch backend."""
+    query, keys, values, _ = _data(2, 3, 2, 200, 16, 128, seed=9)
+    if not kernels.code_blocks_wanted(keys):
+        pytest.skip("code blocks are kept only where the AVX2 scan runs")
+    cache = LayerCache.from_prefill(keys[:, :, :61], values[:, :, :61])
+    method = SimHash(bits=128)
+    method.prepare(cache, 0)
+    budget = Budget(40, sink=1, recent=2)
+    for stop in (62, 64, 65, 97, 130, 120, 200):
+        if stop < cache.length:  # rewind, then overwrite
+            for buffer in (cache.key_buffer, cache.value_buffer, method._codes(cache)):
+                buffer.length = stop - 3
+            cache.extras["simhash_code_blocks"].length = -(-(stop - 3) // 32)
+        start = cache.append(keys[:, :, cache.length : stop], values[:, :, cache.length : stop])
+        method.on_append(cache, 0, start)
+        rows = method._codes(cache).view()
+        blocks = cache.extras["simhash_code_blocks"].view()
+        assert blocks.shape[2] == -(-stop // 32)
+        assert torch.equal(_keys_of(blocks, stop), rows.contiguous().view(torch.uint8))
+        fused = method.select(query, cache, 0, budget)
+        with kernels.use_backend("torch"):
+            assert torch.equal(fused, method.select(query, cache, 0, budget))
+
+
+def test_exp_nonpositive_matches_numpy():
+    x = np.concatenate([-np.logspace(-8, 2, 5000), [0.0, -87.0, -87.5, -1e30, -np.inf]]).astype(np.float32)
+    got = _exp_all(x)
+    want = np.exp(x.astype(np.float64))
+    ok = x >= -87.0
+    assert np.all(np.abs(got[ok] - want[ok]) <= 3e-7 * want[ok])
+    assert np.all(got[~ok] == 0.0)
+
+
+@nb.njit(cache=False)
+def _exp_all(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = cpu._exp_nonpositive(x[i])
+    return out
+
+
+@pytest.mark.slow
+def test_block_scan_without_avx2_codegen(tmp_path):
+    """Where numba may not use AVX2 (here forced with ``NUMBA_CPU_NAME=generic``) the scan is not chosen,
+    and the portable lookup it compiles to anyway is exact."""
+    script = """
+import torch
+from lmexec.hata.kernels import cpu, reference as ref
+assert not cpu.FAST_SCAN
+gen = torch.Generator().manual_seed(3)
+qc = torch.randint(-(2**62), 2**62, (1, 2, 4, 2), generator=gen)
+kc = torch.randint(-(2**62), 2**62, (1, 2, 300, 2), generator=gen)
+blocks = torch.zeros(1, 2, 10, 512, dtype=torch.uint8)
+cpu.write_code_blocks(blocks, 0, kc)
+assert not cpu.code_blocks_usable(kc, blocks, 4)
+out = torch.empty(1, 2, 50, dtype=torch.int64)
+scores = torch.empty(1, 2, 300, dtype=torch.int32)
+cpu._hamming_topk_kernel(cpu._np(qc), cpu._np(kc), blocks.numpy(), True, 300, 50, 1, 1, cpu._DUMMY_MASK,
+                         False, out.numpy(), scores.numpy(), True, cpu._workspace(2, 300))
+assert torch.equal(out, ref.hamming_topk(qc, kc, 50, 1, 1))
+assert torch.equal(scores.long(), ref.hamming_scores(qc, kc))
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -424,13 +424,13 @@ def _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bi
     full = np.uint64(0xFFFFFFFF)
     one = np.uint64(1)
     for base in range(0, n, BLOCK_KEYS):
+        r = scan.scratch
         if scan.use_blocks:
             mask = _scan(scan, base, limit)
-            r = scan.scratch
-        else:
-            r = ranks[base : base + BLOCK_KEYS]  # the workspace is padded to whole blocks
+        else:  # copied, not sliced: a view per block would bump the shared workspace's refcount
             mask = np.uint64(0)
-            for j in range(BLOCK_KEYS):
+            for j in range(BLOCK_KEYS):  # the workspace is padded to whole blocks
+                r[j] = ranks[base + j]
                 mask |= np.uint64(r[j] <= limit) << np.uint64(j)
         live = min(BLOCK_KEYS, n - base)
         if want_scores:
