@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from lmexec.hata.cache import GrowableBuffer, LayerCache
+from lmexec.hata.cache import HUGE_PAGE_MIN_BYTES, GrowableBuffer, LayerCache
 
 
 def test_append_writes_in_place_until_full():
@@ -55,3 +56,44 @@ def test_decode_steps_do_not_copy_the_cache():
         cache.value_buffer.data.data_ptr(),
         codes.data.data_ptr(),
     ) == pointers
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text.split("[")[1].split("]")[0]
+
+
+def _huge_kib_backing(t: torch.Tensor) -> int:
+    """AnonHugePages (KiB) of the mappings that overlap ``t``'s memory (Linux ``/proc/self/smaps``; the
+    advice splits the allocation's mapping at the 2 MiB boundaries)."""
+    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    inside, total = False, 0
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start < last and first < end
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(
+    _transparent_huge_pages() not in ("madvise", "always"), reason="no transparent huge pages"
+)
+def test_large_cpu_buffers_get_huge_pages():
+    """K/V rows are gathered at random: large buffers ask for 2 MiB pages (fewer TLB misses), small ones
+    and those that opt out do not, and a buffer that grows asks again."""
+    rows = HUGE_PAGE_MIN_BYTES // (8 * 128 * 4) + 1
+    big = GrowableBuffer(1, 8, 128, torch.float32, capacity=rows)
+    assert big.huge_pages
+    big.data.fill_(1.0)  # first touch: the kernel backs the advised range with huge pages
+    assert _huge_kib_backing(big.data) >= 2048
+    assert not GrowableBuffer(1, 8, 128, torch.float32, capacity=64).huge_pages
+    assert not GrowableBuffer(1, 8, 128, torch.float32, capacity=rows, huge_pages=False).huge_pages
+    small = GrowableBuffer(1, 8, 128, torch.float32, capacity=64)
+    small.append(torch.zeros(1, 8, rows, 128))
+    assert small.huge_pages and small.reallocations == 1

@@ -39,7 +39,6 @@ from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import GrowableBuffer, LayerCache
 from lmexec.hata.codes import check_bits
-from lmexec.hata.kernels.cpu import advise_huge_pages
 from lmexec.hata.selection import Hata, Loki, Quest, fit_basis
 from lmexec.hata.selection.base import SelectionMethod
 
@@ -173,11 +172,9 @@ class _Case:
         gen = torch.Generator().manual_seed(cfg.seed)
         h, d = cfg.kv_heads, cfg.head_dim
         self.n = n
-        self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
-        self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16)
-        self.huge_pages = cfg.huge_pages and all(
-            [advise_huge_pages(self.keys.data), advise_huge_pages(self.values.data)]
-        )  # before the first touch
+        self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
+        self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
+        self.huge_pages = self.keys.huge_pages and self.values.huge_pages
         for buffer, shift in ((self.keys, 0.3), (self.values, 0.0)):
             chunk = 8192
             for start in range(0, n, chunk):  # fill in slices: no full-size float32 temporary

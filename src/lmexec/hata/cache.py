@@ -3,16 +3,52 @@
 Appending writes into spare capacity in place; the buffer is reallocated only when full, and then by
 at least doubling, so a decode step never copies the whole cache (unlike a concatenating cache).
 Reads are views ``[B, H, n, F]`` of the buffer. This is the storage the transformers ``Cache`` layer of
-the integration issue wraps.
+the integration issue wraps. Large CPU buffers ask for 2 MiB pages (see :func:`advise_huge_pages`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 DEFAULT_STEP = 1024
+HUGE_PAGE_MIN_BYTES = 32 << 20
+"""CPU buffers at least this large are backed by 2 MiB pages where Linux allows it."""
+
+HUGE_PAGE = 2 << 20
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back ``t``'s (not yet touched) memory with 2 MiB pages (``madvise(MADV_HUGEPAGE)``).
+
+    Gathered K/V rows are random: with 4 KiB pages nearly every selected row is a TLB miss (measured on
+    the 2-core machine: gather attention over 2048 x 8 rows of a 128K fp32 cache, 6.2 ms -> 4.4 ms CPU).
+    Needs transparent huge pages in ``madvise`` or ``always`` mode; returns False where it cannot apply.
+    """
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return False
+    start = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14) == 0  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        return False
+
+
+def _allocate(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str, huge_pages: bool
+) -> tuple[torch.Tensor, bool]:
+    """An uninitialised buffer; if ``huge_pages``, a large CPU one is advised to 2 MiB pages before
+    anything touches it. Returns the buffer and whether the advice was taken."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    large = t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE_MIN_BYTES
+    return t, huge_pages and large and advise_huge_pages(t)
 
 
 class GrowableBuffer:
@@ -27,9 +63,13 @@ class GrowableBuffer:
         device: torch.device | str = "cpu",
         capacity: int = DEFAULT_STEP,
         step: int = DEFAULT_STEP,
+        huge_pages: bool = True,
     ) -> None:
         self.step = max(1, step)
-        self.data = torch.empty(batch, heads, max(1, capacity), features, dtype=dtype, device=device)
+        self.want_huge_pages = huge_pages
+        self.data, self.huge_pages = _allocate(
+            (batch, heads, max(1, capacity), features), dtype, device, huge_pages
+        )
         self.length = 0
         self.reallocations = 0
 
@@ -44,7 +84,9 @@ class GrowableBuffer:
         new_capacity = max(needed, 2 * self.capacity)
         new_capacity = -(-new_capacity // self.step) * self.step
         b, h, _, f = self.data.shape
-        grown = torch.empty(b, h, new_capacity, f, dtype=self.data.dtype, device=self.data.device)
+        grown, self.huge_pages = _allocate(
+            (b, h, new_capacity, f), self.data.dtype, self.data.device, self.want_huge_pages
+        )
         grown[:, :, : self.length] = self.data[:, :, : self.length]
         self.data = grown
         self.reallocations += 1

@@ -692,32 +692,6 @@ def _encode_small_kernel(x, w, out):
 # torch-facing wrappers
 
 
-HUGE_PAGE = 2 << 20
-
-
-def advise_huge_pages(t: torch.Tensor) -> bool:
-    """Ask Linux to back ``t``'s (not yet touched) memory with 2 MiB pages (``madvise(MADV_HUGEPAGE)``).
-
-    Gathered K/V rows are random: with 4 KiB pages nearly every selected row is a TLB miss (measured on
-    the 2-core machine: gather attention over 2048 x 8 rows of a 128K fp32 cache, 6.2 ms -> 4.4 ms CPU).
-    Needs transparent huge pages in ``madvise`` or ``always`` mode; returns False where it cannot apply.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux") or t.device.type != "cpu":
-        return False
-    start = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14) == 0  # MADV_HUGEPAGE
-    except (OSError, AttributeError):
-        return False
-
-
 def rows_buffer(t: torch.Tensor) -> torch.Tensor:
     """A C-contiguous ``[B, H, capacity, F]`` tensor whose ``[:, :, :n]`` is ``t [B, H, n, F]``.
 
