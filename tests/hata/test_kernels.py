@@ -58,8 +58,8 @@ def test_encode_and_scores_exact(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_small_encode(shape):
-    """Decode-sized encodes are fused (fp64 accumulation): bits equal the reference wherever the
-    projection is not within rounding of 0."""
+    """Decode-sized encodes are fused (fp32 multiply-add accumulation): bits equal the reference wherever
+    the projection is not within rounding of 0."""
     query, keys, _, w = _data(*shape)
     for rows in (
         keys[:, :, :1],
@@ -311,14 +311,17 @@ def _keys_of(blocks, n):
     return keys.reshape(b, h, n_blocks * kernels.CODE_BLOCK_KEYS, per_key)[:, :, :n]
 
 
-def test_hash_methods_keep_code_blocks_in_step_with_rows():
+@pytest.mark.parametrize("bits", [32, 128])
+def test_hash_methods_keep_code_blocks_in_step_with_rows(bits):
     """Prefill, then appends across block boundaries and a rewind (as the benchmark does): the block
-    buffer always holds the row codes transposed, and selection through it equals the torch backend."""
-    query, keys, values, _ = _data(2, 3, 2, 200, 16, 128, seed=9)
+    buffer always holds the row codes transposed, and selection through it equals the torch backend.
+    32-bit codes fill half of their int64 word: the blocks hold the whole word (8 bytes per key)."""
+    query, keys, values, _ = _data(2, 3, 2, 200, 16, bits, seed=9)
     if not kernels.code_blocks_wanted(keys):
         pytest.skip("code blocks are kept only where the AVX2 scan runs")
-    cache = LayerCache.from_prefill(keys[:, :, :61], values[:, :, :61])
-    method = SimHash(bits=128)
+    cache = LayerCache.empty(2, 3, 16, capacity=64)  # small: the buffers (blocks too) grow on the way
+    cache.append(keys[:, :, :61], values[:, :, :61])
+    method = SimHash(bits=bits)
     method.prepare(cache, 0)
     budget = Budget(40, sink=1, recent=2)
     for stop in (62, 64, 65, 97, 130, 120, 200):
@@ -331,27 +334,41 @@ def test_hash_methods_keep_code_blocks_in_step_with_rows():
         rows = method._codes(cache).view()
         blocks = cache.extras["simhash_code_blocks"].view()
         assert blocks.shape[2] == -(-stop // 32)
+        assert cpu.code_blocks_usable(rows, blocks, 2)
         assert torch.equal(_keys_of(blocks, stop), rows.contiguous().view(torch.uint8))
         fused = method.select(query, cache, 0, budget)
         with kernels.use_backend("torch"):
             assert torch.equal(fused, method.select(query, cache, 0, budget))
+    assert cache.extras["simhash_code_blocks"].reallocations >= 1
 
 
 def test_exp_nonpositive_matches_numpy():
-    x = np.concatenate([-np.logspace(-8, 2, 5000), [0.0, -87.0, -87.5, -1e30, -np.inf]]).astype(np.float32)
+    """The gather's softmax exp, compiled with the gather's fastmath flags: within 6e-7 relative of
+    exp, 0 below -87 and for -inf, NaN stays NaN."""
+    x = np.concatenate([-np.logspace(-8, 2, 5000), [0.0, -87.0, -87.5, -1e30, -np.inf, np.nan]])
+    x = x.astype(np.float32)
     got = _exp_all(x)
     want = np.exp(x.astype(np.float64))
     ok = x >= -87.0
-    assert np.all(np.abs(got[ok] - want[ok]) <= 3e-7 * want[ok])
-    assert np.all(got[~ok] == 0.0)
+    assert np.all(np.abs(got[ok] - want[ok]) <= 6e-7 * want[ok])
+    assert np.all(got[x < -87.0] == 0.0)
+    assert np.isnan(got[-1])
 
 
-@nb.njit(cache=False)
+@nb.njit(cache=False, fastmath=cpu._FAST)
 def _exp_all(x):
     out = np.empty_like(x)
     for i in range(x.shape[0]):
         out[i] = cpu._exp_nonpositive(x[i])
     return out
+
+
+def test_write_code_blocks_refuses_a_buffer_that_cannot_hold_the_keys():
+    codes = torch.zeros(1, 2, 40, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="cannot hold"):
+        cpu.write_code_blocks(torch.zeros(1, 2, 2, 128, dtype=torch.uint8), 0, codes)  # 4 bytes per key
+    with pytest.raises(ValueError, match="cannot hold"):
+        cpu.write_code_blocks(torch.zeros(1, 2, 1, 256, dtype=torch.uint8), 0, codes)  # one block for 40 keys
 
 
 @pytest.mark.slow

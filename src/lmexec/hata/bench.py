@@ -174,7 +174,6 @@ class _Case:
         self.n = n
         self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
         self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
-        self.huge_pages = self.keys.huge_pages and self.values.huge_pages
         for buffer, shift in ((self.keys, 0.3), (self.values, 0.0)):
             chunk = 8192
             for start in range(0, n, chunk):  # fill in slices: no full-size float32 temporary

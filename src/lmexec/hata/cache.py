@@ -42,17 +42,24 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
 
 def _allocate(
-    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str, huge_pages: bool
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    huge_pages: bool | None,
 ) -> tuple[torch.Tensor, bool]:
-    """An uninitialised buffer; if ``huge_pages``, a large CPU one is advised to 2 MiB pages before
-    anything touches it. Returns the buffer and whether the advice was taken."""
+    """An uninitialised buffer, advised to 2 MiB pages before anything touches it when ``huge_pages`` is
+    True, or None and it is at least ``HUGE_PAGE_MIN_BYTES``. Returns it and whether the advice was taken."""
     t = torch.empty(*shape, dtype=dtype, device=device)
-    large = t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE_MIN_BYTES
-    return t, huge_pages and large and advise_huge_pages(t)
+    large = t.numel() * t.element_size() >= HUGE_PAGE_MIN_BYTES
+    wanted = huge_pages if huge_pages is not None else large
+    return t, bool(wanted) and advise_huge_pages(t)
 
 
 class GrowableBuffer:
-    """A ``[B, H, capacity, F]`` tensor filled along dim 2; ``append`` is in place until it is full."""
+    """A ``[B, H, capacity, F]`` tensor filled along dim 2; ``append`` is in place until it is full.
+
+    ``huge_pages``: None (default) advises 2 MiB pages for CPU buffers of ``HUGE_PAGE_MIN_BYTES`` or more,
+    True for any size, False never; ``self.huge_pages`` says whether the advice was taken."""
 
     def __init__(
         self,
@@ -63,7 +70,7 @@ class GrowableBuffer:
         device: torch.device | str = "cpu",
         capacity: int = DEFAULT_STEP,
         step: int = DEFAULT_STEP,
-        huge_pages: bool = True,
+        huge_pages: bool | None = None,
     ) -> None:
         self.step = max(1, step)
         self.want_huge_pages = huge_pages

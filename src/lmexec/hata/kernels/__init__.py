@@ -163,8 +163,8 @@ CODE_BLOCK_KEYS = 32
 
 def code_blocks_wanted(codes: torch.Tensor) -> bool:
     """Whether key codes on this device should also be kept in the transposed block layout: CPU tensors
-    where numba can scan it with AVX2. The layout is [B, H_kv, ceil(N / 32), 32 * bytes per code]: byte
-    ``p`` of key ``32 * blk + j`` is at ``[., ., blk, 32 * p + j]``."""
+    where numba can scan it with AVX2. The layout is [B, H_kv, ceil(N / 32), 32 * 8 * words] (uint8): byte
+    ``p`` (little-endian within the int64 words) of key ``32 * blk + j`` is at ``[., ., blk, 32 * p + j]``."""
     if codes.device.type != "cpu" or not numba_available():
         return False
     from lmexec.hata.kernels import cpu

@@ -536,8 +536,9 @@ def _elem_impl(rows, b, h, i, c):
 
 @nb.njit(cache=True, inline="always", fastmath=_FAST)
 def _exp_nonpositive(x):
-    """``exp(x)`` for float32 ``x <= 0`` (``-inf`` -> 0), 1-2 ulp, in plain arithmetic so a loop of it
-    vectorises (libm's ``exp`` is a scalar call: the softmax pass cost as much as the K pass)."""
+    """``exp(x)`` for float32 ``x <= 0`` (``-inf`` -> 0, NaN stays NaN), within 5 ulp under the gather's
+    fastmath flags, in plain arithmetic so a loop of it vectorises (libm's ``exp`` is a scalar call: the
+    softmax pass cost as much as the K pass)."""
     clamped = max(x, np.float32(-87.0))
     n = np.floor(clamped * np.float32(1.4426950408889634) + np.float32(0.5))
     r = clamped - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
@@ -549,7 +550,7 @@ def _exp_nonpositive(x):
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
     scaled = p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-    return scaled if x >= np.float32(-87.0) else np.float32(0.0)
+    return np.float32(0.0) if x < np.float32(-87.0) else scaled
 
 
 @nb.njit(cache=True, parallel=True, fastmath=_FAST, boundscheck=False)
@@ -758,7 +759,15 @@ def code_blocks_usable(key_codes: torch.Tensor, key_blocks: torch.Tensor | None,
 def write_code_blocks(blocks: torch.Tensor, start: int, codes: torch.Tensor) -> None:
     """Write the codes of keys ``start..start+T`` (``[B, H, T, words]``) into the transposed block
     buffer ``blocks [B, H, >= ceil((start+T)/32), 32 * 8 * words]`` (uint8, contiguous) in place."""
-    if codes.shape[2]:
+    b, h, t, words = codes.shape
+    needed = (b, h, -(-(start + t) // BLOCK_KEYS), BLOCK_KEYS * 8 * words)
+    if blocks.shape[:2] != needed[:2] or blocks.shape[2] < needed[2] or blocks.shape[3] != needed[3]:
+        raise ValueError(
+            f"code blocks {list(blocks.shape)} cannot hold keys {start}..{start + t}: need {needed}"
+        )
+    if not blocks.is_contiguous() or blocks.dtype != torch.uint8:
+        raise ValueError("code blocks must be a contiguous uint8 tensor")
+    if t:
         _write_blocks_kernel(_np(codes.contiguous()), start, blocks.numpy())
 
 

@@ -35,9 +35,8 @@ class HashSelection(SelectionMethod):
     def _code_blocks(self, cache: LayerCache) -> GrowableBuffer:
         """The same codes, transposed in blocks of ``CODE_BLOCK_KEYS`` keys (one buffer row per block)."""
         per_block = kernels.CODE_BLOCK_KEYS
-        return cache.extra(
-            f"{self.name}_code_blocks", per_block * self.bits // 8, torch.uint8, rows_per_token=1 / per_block
-        )
+        width = per_block * 8 * n_words(self.bits)  # whole int64 words: 32-bit codes take 8 bytes too
+        return cache.extra(f"{self.name}_code_blocks", width, torch.uint8, rows_per_token=1 / per_block)
 
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.keys[:, :, start:]
