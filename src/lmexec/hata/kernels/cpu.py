@@ -1,14 +1,16 @@
 """CPU kernels (numba, ``parallel=True``, cached on disk): fused Hamming score + top-k, gather attention,
 and bit packing for encode.
 
-* :func:`hamming_topk`: one task per (batch, KV head), split over threads. Distances are XOR +
-  popcount (LLVM ``ctpop``) on the 64-bit words with the group's query codes in registers, mapped to a
-  *rank bin* (0 = forced sink/recent key, ``1 + distance``, last bin = padding). Distances are small
-  integers (``<= G * bits``), so the top-k is a counting selection: a histogram of about 4096 evenly
-  spaced keys estimates the threshold bin, one pass keeps the positions at or below it (in order), and
-  the candidates' histogram gives the exact threshold and its tie count (a pass over every key when the
-  estimate kept fewer than k). No sorted array is ever built: O(N) per task, plus ``G * bits`` bins;
-  the rank and candidate arrays are scratch reused across calls.
+* :func:`hamming_topk`: one task per (batch, KV head), split over threads. Ranks are ``1 + distance``
+  (0 = forced sink/recent key, last bin = padding), where the distance is the group-summed Hamming
+  distance. With AVX2 and the codes also kept in *code blocks* (32 keys transposed, see
+  :func:`write_code_blocks`), :func:`_scan_block` computes 32 ranks at once with byte-shuffle table
+  lookups and compares them with the threshold estimate in the same pass; otherwise XOR + ``ctpop`` on
+  the row codes fill a rank array. Distances are small integers (``<= G * bits``), so the top-k is a
+  counting selection: a histogram of a sample (every ``step``-th block, or key) estimates the threshold
+  bin, one pass keeps the positions at or below it (in order), and their histogram gives the exact
+  threshold and its tie count (a pass keeping every key when fewer than k were at or below the
+  estimate). No sorted array is ever built: O(N) per task; scratch is reused across calls.
 * :func:`gather_attention`: one task per (batch, KV head); the group's ``G`` query heads share each
   gathered K/V row (GQA). Three passes: logits of every selected K row, softmax weights in place, then
   the weighted V rows; each pass streams its rows with software prefetch a fixed distance ahead, so
@@ -361,7 +363,7 @@ def _scan(scan, base, limit):
 
 
 SAMPLE_KEYS = 4096
-"""Keys sampled (evenly spaced) to estimate the top-k threshold."""
+"""About this many keys are sampled (evenly spaced keys, or whole blocks) to estimate the top-k threshold."""
 
 
 @nb.njit(cache=True, boundscheck=False)
