@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lmexec.cli import main
 from lmexec.hata.bench import BenchConfig, method_bytes
@@ -17,11 +18,13 @@ def test_bench_cli_small(tmp_path, capsys):
         [
             "hata", "bench", "--contexts", "300,1000", "--batch", "1,2", "--heads", "4", "--kv-heads", "2",
             "--head-dim", "16", "--bits", "64", "--budget", "64", "--dtype", "float32,bfloat16",
-            "--repeats", "2", "--warmup", "1", "--threads", "1", "--json", str(out), "--png", str(png),
+            "--repeats", "2", "--warmup", "1", "--threads", "1", "--evict-mb", "1",
+            "--json", str(out), "--png", str(png),
         ]
     )  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
+    assert result["config"]["evict_mb"] == 1
     assert png.stat().st_size > 0
     rows = result["rows"]
     assert len(rows) == 2 * 2 * 2 * 4
@@ -53,9 +56,25 @@ def test_bytes_per_method():
         (["--contexts", "1k"], "comma-separated whole numbers"),
         (["--bits", "100"], "hash bits"),
         (["--kernels", "cuda"], "--kernels must be one of"),
+        (["--evict-mb", "-1"], "--evict-mb >= 0"),
     ],
 )
 def test_bench_bad_flags(capsys, flags, message):
     assert main(["hata", "bench", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_every_timed_step_starts_after_an_eviction(monkeypatch):
+    """Each step, warm-up included, follows an untimed write of ``evict_mb`` MiB (cold caches, as in a
+    model where the other layers ran in between)."""
+    from lmexec.hata import bench
+    from lmexec.hata.budget import Budget
+
+    calls = []
+    monkeypatch.setattr(bench, "_evict", lambda mib: calls.append(mib))
+    cfg = bench.BenchConfig(heads=4, kv_heads=2, head_dim=16, bits=64, repeats=3, warmup=2, evict_mb=7)
+    case = bench._Case(cfg, torch.float32, 1, 200)
+    samples, _ = bench.run_case(cfg, case, "hata", Budget(32))
+    assert len(samples) == 3
+    assert calls[: cfg.warmup + cfg.repeats] == [7] * (cfg.warmup + cfg.repeats)

@@ -68,6 +68,9 @@ class BenchConfig:
     """Rows whose K+V would exceed this are skipped (reported as skipped)."""
     seed: int = 0
     kernels: str = "auto"
+    evict_mb: int = 64
+    """Before every step (untimed) write this many MiB elsewhere, so each step starts with cold caches,
+    as a layer's step does in a model whose other layers ran since (0: leave the caches warm)."""
     huge_pages: bool = True
     """Back the K/V buffers with 2 MiB pages (``madvise``) as a serving engine would; every method,
     dense included, reads the same buffers."""
@@ -87,8 +90,8 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
                 raise UserError(f"--{name} must be positive whole numbers, got {values}")
-        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0:
-            raise UserError("--head-dim and --repeats must be >= 1, --warmup >= 0")
+        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0 or self.evict_mb < 0:
+            raise UserError("--head-dim and --repeats must be >= 1, --warmup and --evict-mb >= 0")
         if self.kernels not in kernels.BACKENDS:
             raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
 
@@ -201,6 +204,19 @@ def _method(name: str, cfg: BenchConfig, case: _Case) -> SelectionMethod | None:
     return Loki(rank=max(1, cfg.head_dim // 4), bases={LAYER: basis})
 
 
+_EVICT = torch.empty(0)
+
+
+def _evict(mib: int) -> None:
+    """Write ``mib`` MiB (more than the last-level cache) so the next step finds its data in DRAM."""
+    global _EVICT
+    if mib <= 0:
+        return
+    if _EVICT.numel() != mib * 2**18:
+        _EVICT = torch.zeros(mib * 2**18)
+    _EVICT.add_(1.0)
+
+
 def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[list[float], list[float]]:
     """Timed decode steps of one method on ``case``."""
     cache = case.cache()
@@ -216,6 +232,7 @@ def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[
         case.keys.length = case.values.length = case.n
         for key, length in lengths.items():
             cache.extras[key].length = length
+        _evict(cfg.evict_mb)
 
     if method is None:
 

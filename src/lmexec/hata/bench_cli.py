@@ -41,6 +41,13 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     bench.add_argument("--threads", type=int, default=0, help="torch/numba threads (default: all cores)")
     bench.add_argument(
+        "--evict-mb",
+        type=int,
+        default=64,
+        help="MiB written (untimed) before each step so it starts with cold caches, as in a model; 0: warm "
+        "(default: 64)",
+    )
+    bench.add_argument(
         "--max-cache-gib", type=float, default=12.0, help="skip rows whose K+V exceed this (default: 12)"
     )
     bench.add_argument(
@@ -97,6 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
+        evict_mb=args.evict_mb,
         max_cache_gib=args.max_cache_gib,
         kernels=args.kernels,
         huge_pages=args.huge_pages,
