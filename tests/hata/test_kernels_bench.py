@@ -66,7 +66,7 @@ def test_bench_bad_flags(capsys, flags, message):
 
 
 def test_every_timed_step_starts_after_an_eviction(monkeypatch):
-    """Each step, warm-up included, follows an untimed write of ``evict_mb`` MiB (cold caches, as in a
+    """Each step, warm-up included, follows an untimed read of ``evict_mb`` MiB (cold caches, as in a
     model where the other layers ran in between)."""
     from lmexec.hata import bench
     from lmexec.hata.budget import Budget

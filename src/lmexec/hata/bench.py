@@ -69,7 +69,7 @@ class BenchConfig:
     seed: int = 0
     kernels: str = "auto"
     evict_mb: int = 64
-    """Before every step (untimed) write this many MiB elsewhere, so each step starts with cold caches,
+    """Before every step (untimed) read this many MiB elsewhere, so each step starts with cold caches,
     as a layer's step does in a model whose other layers ran since (0: leave the caches warm)."""
     huge_pages: bool = True
     """Back the K/V buffers with 2 MiB pages (``madvise``) as a serving engine would; every method,
@@ -208,13 +208,14 @@ _EVICT = torch.empty(0)
 
 
 def _evict(mib: int) -> None:
-    """Write ``mib`` MiB (more than the last-level cache) so the next step finds its data in DRAM."""
+    """Read ``mib`` MiB (more than the last-level cache) so the next step finds its data in DRAM. A read,
+    not a write: written lines would be dirty, and the timed step would pay for writing them back."""
     global _EVICT
     if mib <= 0:
         return
     if _EVICT.numel() != mib * 2**18:
-        _EVICT = torch.zeros(mib * 2**18)
-    _EVICT.add_(1.0)
+        _EVICT = torch.ones(mib * 2**18)
+    _EVICT.sum()
 
 
 def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[list[float], list[float]]:

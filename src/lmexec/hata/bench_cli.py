@@ -44,7 +44,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         "--evict-mb",
         type=int,
         default=64,
-        help="MiB written (untimed) before each step so it starts with cold caches, as in a model; 0: warm "
+        help="MiB read (untimed) before each step so it starts with cold caches, as in a model; 0: warm "
         "(default: 64)",
     )
     bench.add_argument(
