@@ -161,6 +161,11 @@ CODE_BLOCK_KEYS = 32
 """Keys per block of the transposed code layout (:func:`write_code_blocks`)."""
 
 
+def code_block_bytes(words: int) -> int:
+    """Bytes of one block (``CODE_BLOCK_KEYS`` keys) of codes ``words`` int64 words long."""
+    return CODE_BLOCK_KEYS * 8 * words
+
+
 def code_blocks_wanted(codes: torch.Tensor) -> bool:
     """Whether key codes on this device should also be kept in the transposed block layout: CPU tensors
     where numba can scan it with AVX2. The layout is [B, H_kv, ceil(N / 32), 32 * 8 * words] (uint8): byte
@@ -203,6 +208,7 @@ __all__ = [
     "ENV_VAR",
     "CODE_BLOCK_KEYS",
     "backend_for",
+    "code_block_bytes",
     "code_blocks_wanted",
     "encode",
     "gather_attention",

@@ -37,7 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from lmexec.hata.kernels import select_threading_layer
+from lmexec.hata.kernels import CODE_BLOCK_KEYS, code_block_bytes, select_threading_layer
 
 PREFETCH_DISTANCE = 8
 _FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
@@ -72,7 +72,7 @@ def _cttz(typingctx, x):
 # Transposed code blocks ("fast scan"): byte p of the codes of 32 consecutive keys is one 32-byte run,
 # so one AVX2 byte shuffle (vpshufb) looks up 32 keys at once in a 16-entry table per nibble position.
 
-BLOCK_KEYS = 32
+BLOCK_KEYS = CODE_BLOCK_KEYS
 """Keys per block of the transposed layout (one AVX2 register holds one code byte of 32 keys)."""
 MAX_SCAN_GROUP = 31
 """Largest GQA group the block scan takes: a code byte adds at most ``8 * G`` per key, kept in 8 bits."""
@@ -755,14 +755,14 @@ def code_blocks_usable(key_codes: torch.Tensor, key_blocks: torch.Tensor | None,
         return False
     b, h, n, words = key_codes.shape
     kb, kh, blocks, width = key_blocks.shape
-    return (kb, kh, width) == (b, h, BLOCK_KEYS * 8 * words) and blocks * BLOCK_KEYS >= n
+    return (kb, kh, width) == (b, h, code_block_bytes(words)) and blocks * BLOCK_KEYS >= n
 
 
 def write_code_blocks(blocks: torch.Tensor, start: int, codes: torch.Tensor) -> None:
     """Write the codes of keys ``start..start+T`` (``[B, H, T, words]``) into the transposed block
     buffer ``blocks [B, H, >= ceil((start+T)/32), 32 * 8 * words]`` (uint8, contiguous) in place."""
     b, h, t, words = codes.shape
-    needed = (b, h, -(-(start + t) // BLOCK_KEYS), BLOCK_KEYS * 8 * words)
+    needed = (b, h, -(-(start + t) // BLOCK_KEYS), code_block_bytes(words))
     if blocks.shape[:2] != needed[:2] or blocks.shape[2] < needed[2] or blocks.shape[3] != needed[3]:
         raise ValueError(
             f"code blocks {list(blocks.shape)} cannot hold keys {start}..{start + t}: need {needed}"

@@ -32,11 +32,15 @@ class HashSelection(SelectionMethod):
     def _codes(self, cache: LayerCache):
         return cache.extra(f"{self.name}_codes", n_words(self.bits), torch.int64)
 
+    @property
+    def _blocks_name(self) -> str:
+        return f"{self.name}_code_blocks"
+
     def _code_blocks(self, cache: LayerCache) -> GrowableBuffer:
-        """The same codes, transposed in blocks of ``CODE_BLOCK_KEYS`` keys (one buffer row per block)."""
-        per_block = kernels.CODE_BLOCK_KEYS
-        width = per_block * 8 * n_words(self.bits)  # whole int64 words: 32-bit codes take 8 bytes too
-        return cache.extra(f"{self.name}_code_blocks", width, torch.uint8, rows_per_token=1 / per_block)
+        """The same codes, transposed in blocks of ``CODE_BLOCK_KEYS`` keys (one buffer row per block;
+        whole int64 words, so 32-bit codes take 8 bytes per key too)."""
+        width = kernels.code_block_bytes(n_words(self.bits))
+        return cache.extra(self._blocks_name, width, torch.uint8, rows_per_token=1 / kernels.CODE_BLOCK_KEYS)
 
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.keys[:, :, start:]
@@ -76,7 +80,7 @@ class HashSelection(SelectionMethod):
         key_codes = self._codes(cache).view()
         n = key_codes.shape[2]
         valid = cache.state.get(VALID_STATE)
-        blocks = cache.extras.get(f"{self.name}_code_blocks")
+        blocks = cache.extras.get(self._blocks_name)  # absent where blocks are not kept
         return kernels.hamming_topk(
             self.query_codes(query, layer, key_codes.shape[1]),
             key_codes,
