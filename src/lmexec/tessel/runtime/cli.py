@@ -16,7 +16,7 @@ from lmexec.errors import UserError
 from lmexec.reporting import console, print_table, write_json
 from lmexec.tessel.cli import positive_int
 from lmexec.tessel.placement import Placement
-from lmexec.tessel.runtime.model import GPTConfig, build_gpt_stages, lm_loss, synthetic_batch
+from lmexec.tessel.runtime.model import GPTConfig, lm_loss
 from lmexec.tessel.runtime.plan import MIN_GAIN
 from lmexec.tessel.runtime.profile import (
     SHAPES,
@@ -135,8 +135,7 @@ def _profile(
             except RankFailure as error:
                 raise UserError(f"profiling failed: {error}") from None
     else:
-        stages = build_gpt_stages(job.model, job.num_stages, job.split, job.seed)
-        inputs, targets = synthetic_batch(job.model, job.micro_batch_size, step=0, seed=job.seed)
+        stages, inputs, targets = job.build()
         with console.status(f"profiling {job.num_stages} stages ..."):
             profiles = profile_stages(
                 stages, inputs, targets, lm_loss, warmup=job.warmup, repeats=job.repeats, threads=args.threads

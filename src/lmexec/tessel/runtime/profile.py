@@ -133,16 +133,22 @@ class ProfileJob:
     warmup: int = 2
     repeats: int = 5
 
+    def build(self) -> tuple[list[nn.Module], torch.Tensor, torch.Tensor]:
+        """The stages and the profiling batch (inputs, targets), rebuilt from the seed in any process."""
+        from lmexec.tessel.runtime.model import build_gpt_stages, synthetic_batch
+
+        stages = build_gpt_stages(self.model, self.num_stages, self.split, self.seed)
+        return stages, *synthetic_batch(self.model, self.micro_batch_size, step=0, seed=self.seed)
+
 
 def profile_in_ranks(ctx: Any, job: ProfileJob) -> list[StageProfile] | None:
     """Every rank profiles its stages (stage ``s`` on rank ``s mod world``) in lock-step rounds, all
     ranks at once; rank 0 returns the profiles of all stages in stage order, the others None."""
-    from lmexec.tessel.runtime.model import build_gpt_stages, lm_loss, synthetic_batch
+    from lmexec.tessel.runtime.model import lm_loss
 
     if job.repeats < 1 or job.warmup < 0:
         raise UserError("profiling needs repeats >= 1 and warmup >= 0")
-    stages = build_gpt_stages(job.model, job.num_stages, job.split, job.seed)
-    x, targets = synthetic_batch(job.model, job.micro_batch_size, step=0, seed=job.seed)
+    stages, x, targets = job.build()
     inputs = []
     with torch.no_grad():
         for module in stages:
