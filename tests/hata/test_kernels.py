@@ -208,6 +208,55 @@ def test_gather_attention_masks_and_dense_equivalence():
     )
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_topk_attention_equals_topk_then_gather(shape, dtype, tol):
+    """One kernel selects and attends per (batch, KV head): the reference's selection, then its
+    attention, with and without code blocks, forced keys and padding (``valid`` masks both steps)."""
+    query, keys, values, w = _data(*shape)
+    query, keys, values = query.to(dtype), keys.to(dtype), values.to(dtype)
+    qc, kc = _codes(query.float(), keys.float(), w)
+    blocks = _blocks_of(kc)
+    b, n = keys.shape[0], keys.shape[2]
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, : n // 3] = False
+    for k, sink, recent, mask in (
+        (1, 0, 1, None),
+        (64, 2, 3, None),
+        (600, 0, 1, valid),
+        (10_000, 1, 1, valid),
+    ):
+        idx = ref.hamming_topk(qc, kc, k, sink, recent, mask)
+        want = ref.gather_attention(query, keys, values, idx, 0.3, valid=mask)
+        for key_blocks in (None, blocks):
+            got = cpu.hamming_topk_attention(
+                query, qc, kc, keys, values, k, sink, recent, mask, 0.3, key_blocks
+            )
+            assert got.dtype == dtype and got.shape == query.shape
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
+        composed = kernels.hamming_topk_attention(query, qc, kc, keys, values, k, sink, recent, mask, 0.3)
+        torch.testing.assert_close(composed.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_attend_equals_select_then_sparse_attention():
+    """``SelectionMethod.attend`` is what a decode step calls: the hash methods' fused kernel and the
+    default (select, then gather) give the same output, on the numba and the torch backends."""
+    from lmexec.hata.attention import sparse_attention
+    from lmexec.hata.selection import Quest
+
+    query, keys, values, _ = _data(2, 3, 2, 300, 16, 128, seed=5)
+    cache = LayerCache.from_prefill(keys, values)
+    budget = Budget(40, sink=2, recent=3)
+    for method in (SimHash(bits=128), Quest()):
+        method.prepare(cache, 4)
+        for backend in ("numba", "torch"):
+            with kernels.use_backend(backend):
+                indices = method.select(query, cache, 4, budget)
+                want = sparse_attention(query, cache.keys, cache.values, indices, 0.25)
+                got = method.attend(query, cache, 4, budget, 0.25)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_fp16_attention_falls_back_to_reference():
     query, keys, values, _ = _data(1, 2, 2, 40, 16, 128)
     idx = torch.arange(10).expand(1, 2, 10).contiguous()

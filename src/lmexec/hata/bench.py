@@ -6,11 +6,12 @@ tokens, batch ``B``, ``H_q``/``H_kv`` heads, head_dim ``d``):
 
 * ``dense``: append the new K/V row in place, then ``torch.nn.functional.scaled_dot_product_attention``
   with the group's ``G`` query heads as ``G`` query rows of their KV head (no K/V copies) over all rows;
-* ``hata``: append, encode the new key (codes beside the cache) and the query heads, fused Hamming
-  score + top-k, gather attention over the selected rows (:mod:`lmexec.hata.kernels`);
+* ``hata``: append, encode the new key (codes beside the cache) and the query heads, then
+  ``method.attend``: Hamming score + top-k and gather attention over the selected rows, fused into one
+  kernel on CPU (:mod:`lmexec.hata.kernels`);
 * ``quest`` (pages of 16, min/max updated on append), ``loki`` (rank ``d/4``, basis fitted on the
   first 8192 cached keys of batch row 0): their own torch scoring, ``torch.topk`` through the shared
-  selection code, then the same gather-attention kernel as HATA.
+  selection code, then the gather-attention kernel HATA's fused kernel uses.
 
 Each step is timed alone (``perf_counter``), warm-up steps first, and the median is reported; after a
 step the cache is cut back to ``N`` so every step sees the same context. The memory bandwidth is a
@@ -246,8 +247,7 @@ def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[
         def step() -> None:
             start = cache.append(case.new_k, case.new_v)
             method.on_append(cache, LAYER, start)
-            idx = method.select(q, cache, LAYER, budget)
-            kernels.gather_attention(q, cache.keys, cache.values, idx, scale)
+            method.attend(q, cache, LAYER, budget, scale)
 
     try:
         return _time(step, reset, cfg.warmup, cfg.repeats)

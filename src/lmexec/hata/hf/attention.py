@@ -142,15 +142,17 @@ def hata_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         storage.state.pop(VALID_STATE, None)
     else:
         storage.state[VALID_STATE] = valid
+    settings.stats["steps"] += 1
     if valid is None and isinstance(settings.method, HashSelection):
         # no padding: the fused score + top-k kernel, same choice as select_valid (ties to the earlier
         # key, sink/recent forced, position order) without a score tensor or a sort
+        if not settings.record_recall:  # select + attend fused where the backend has it
+            return settings.method.attend(q, storage, layer_idx, settings.budget, scale)[:, None], None
         indices, keep = settings.method.select(q, storage, layer_idx, settings.budget), None
     else:
         scores = settings.method.scores(q, storage, layer_idx)
         indices, keep = select_valid(scores, settings.budget, valid)
     out = kernels.gather_attention(q, key, value, indices, scale, keep, valid)
-    settings.stats["steps"] += 1
     if settings.record_recall:
         _record_recall(layer, q, key, indices, keep, valid, scale)
     return out[:, None, :, :], None  # [B, T_q=1, H_q, d]

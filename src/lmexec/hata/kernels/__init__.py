@@ -203,6 +203,33 @@ def gather_attention(
     return _impl(backend).gather_attention(query, keys, values, indices, scale, keep, valid)
 
 
+def hamming_topk_attention(
+    query: torch.Tensor,
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    sink: int = 0,
+    recent: int = 1,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention over the keys :func:`hamming_topk` selects: the same result as
+    ``gather_attention(query, keys, values, hamming_topk(...), scale, valid=valid)``, fused into one
+    kernel on CPU (numba), composed of the two elsewhere."""
+    if backend_for(key_codes) == "numba" and backend_for(keys) == "numba":
+        from lmexec.hata.kernels import cpu
+
+        if keys.dtype in cpu.SUPPORTED_ATTENTION_DTYPES and values.dtype == keys.dtype:
+            return cpu.hamming_topk_attention(
+                query, query_codes, key_codes, keys, values, k, sink, recent, valid, scale, key_blocks
+            )
+    indices = hamming_topk(query_codes, key_codes, k, sink, recent, valid, key_blocks)
+    return gather_attention(query, keys, values, indices, scale, valid=valid)
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -214,6 +241,7 @@ __all__ = [
     "gather_attention",
     "hamming_scores",
     "hamming_topk",
+    "hamming_topk_attention",
     "numba_available",
     "reference",
     "requested_backend",

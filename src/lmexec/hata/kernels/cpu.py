@@ -717,6 +717,15 @@ def _gather_task(task, q, keys, values, idx, scale, keep, has_keep, valid, has_v
             out[b, h, g, c] = acc[g, c] * inv
 
 
+@nb.njit(cache=True, parallel=True, fastmath=_FAST, boundscheck=False)
+def _topk_attention_kernel(qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, indices, scores,
+                           want_scores, workspace, q, keys, values, scale, out):  # fmt: skip
+    for task in nb.prange(qc.shape[0] * qc.shape[1]):
+        _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, indices, scores,
+                     want_scores, workspace)  # fmt: skip
+        _gather_task(task, q, keys, values, indices, scale, _DUMMY_MASK, False, valid, has_valid, out)
+
+
 @nb.njit(cache=True, parallel=True, boundscheck=False)
 def _pack_kernel(projected, out):
     rows, bits = projected.shape
@@ -852,6 +861,22 @@ def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.
     return out
 
 
+def _topk_args(query_codes, key_codes, k, sink, recent, valid, key_blocks, return_scores):
+    """The selection arguments of :func:`_select_task` (after ``task``): inputs, outputs, workspace."""
+    b, h, n, _ = key_codes.shape
+    k = min(k, n)
+    out = torch.empty(b, h, k, dtype=torch.int64)
+    scores = torch.empty(b, h, n if return_scores else 1, dtype=torch.int32)
+    valid_np, has_valid = _mask(valid)
+    use_blocks = code_blocks_usable(key_codes, key_blocks, query_codes.shape[2])
+    blocks = _np(rows_buffer(key_blocks)) if use_blocks and key_blocks is not None else _NO_BLOCKS
+    args = (
+        _np(query_codes.contiguous()), _np(rows_buffer(key_codes)), blocks, use_blocks, n, k, sink, recent,
+        valid_np, has_valid, out.numpy(), scores.numpy(), return_scores, _workspace(b * h, n),
+    )  # fmt: skip
+    return args, out, scores
+
+
 def hamming_topk(
     query_codes: torch.Tensor,
     key_codes: torch.Tensor,
@@ -864,35 +889,26 @@ def hamming_topk(
 ):
     """Fused score + top-k. ``key_blocks``, the same codes in the transposed block layout (kept beside
     the rows by the hash selection methods), is scanned when :func:`code_blocks_usable`."""
-    b, h, n, _ = key_codes.shape
-    k = min(k, n)
-    out = torch.empty(b, h, k, dtype=torch.int64)
-    scores = torch.empty(b, h, n if return_scores else 1, dtype=torch.int32)
-    valid_np, has_valid = _mask(valid)
-    use_blocks = code_blocks_usable(key_codes, key_blocks, query_codes.shape[2])
-    blocks = _np(rows_buffer(key_blocks)) if use_blocks and key_blocks is not None else _NO_BLOCKS
-    with _LOCK:
-        workspace = _workspace(b * h, n)
-        _hamming_topk_kernel(
-            _np(query_codes.contiguous()),
-            _np(rows_buffer(key_codes)),
-            blocks,
-            use_blocks,
-            n,
-            k,
-            sink,
-            recent,
-            valid_np,
-            has_valid,
-            out.numpy(),
-            scores.numpy(),
-            return_scores,
-            workspace,
+    with _LOCK:  # the workspace is shared
+        args, out, scores = _topk_args(
+            query_codes, key_codes, k, sink, recent, valid, key_blocks, return_scores
         )
+        _hamming_topk_kernel(*args)
     return (out, scores) if return_scores else out
 
 
 SUPPORTED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _attention_args(query, keys, values, scale):
+    """Grouped fp32 query, the K/V row buffers, scale and the fp32 output ``[B, H_kv, G, dv]``."""
+    b, h_q, d = query.shape
+    h_kv = keys.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    grouped = query.reshape(b, h_kv, h_q // h_kv, d).float().contiguous()
+    out = torch.empty(b, h_kv, h_q // h_kv, values.shape[-1], dtype=torch.float32)
+    args = (grouped.numpy(), _np(rows_buffer(keys)), _np(rows_buffer(values)), np.float32(scale))
+    return args, out
 
 
 def gather_attention(
@@ -904,27 +920,38 @@ def gather_attention(
     keep: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    b, h_q, d = query.shape
-    h_kv = keys.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    grouped = query.reshape(b, h_kv, h_q // h_kv, d).float().contiguous()
-    out = torch.empty(b, h_kv, h_q // h_kv, values.shape[-1], dtype=torch.float32)
+    (q, k_rows, v_rows, scale_), out = _attention_args(query, keys, values, scale)
     keep_np, has_keep = _mask(keep)
     valid_np, has_valid = _mask(valid)
     with _LOCK:
         _gather_attention_kernel(
-            grouped.numpy(),
-            _np(rows_buffer(keys)),
-            _np(rows_buffer(values)),
-            indices.to(torch.int64).contiguous().numpy(),
-            np.float32(scale),
-            keep_np,
-            has_keep,
-            valid_np,
-            has_valid,
-            out.numpy(),
-        )
-    return out.reshape(b, h_q, values.shape[-1]).to(query.dtype)
+            q, k_rows, v_rows, indices.to(torch.int64).contiguous().numpy(), scale_, keep_np, has_keep,
+            valid_np, has_valid, out.numpy(),
+        )  # fmt: skip
+    return out.reshape(query.shape[0], query.shape[1], values.shape[-1]).to(query.dtype)
+
+
+def hamming_topk_attention(
+    query: torch.Tensor,
+    query_codes: torch.Tensor,
+    key_codes: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k: int,
+    sink: int = 0,
+    recent: int = 1,
+    valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`hamming_topk` then :func:`gather_attention` (``valid`` masks both) in one parallel region:
+    each thread attends over a (batch, KV head) right after selecting its keys, so one core's random
+    K/V row reads overlap the other's streaming code scan, and one thread launch is saved."""
+    (q, k_rows, v_rows, scale_), out = _attention_args(query, keys, values, scale)
+    with _LOCK:
+        args, _, _ = _topk_args(query_codes, key_codes, k, sink, recent, valid, key_blocks, False)
+        _topk_attention_kernel(*args, q, k_rows, v_rows, scale_, out.numpy())
+    return out.reshape(query.shape[0], query.shape[1], values.shape[-1]).to(query.dtype)
 
 
 def pack_bits(projected: torch.Tensor) -> torch.Tensor:

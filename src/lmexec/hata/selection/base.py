@@ -7,6 +7,7 @@ Call shape, per layer and decode step::
     method.on_append(cache, layer, start)     # features of the new keys only, written in place
     scores = method.scores(query, cache, layer)        # [B, H_kv, N], higher = keep
     indices = method.select(query, cache, layer, budget)   # [B, H_kv, k], one list per KV head
+    out = method.attend(query, cache, layer, budget)       # [B, H_q, d]: select + sparse attention
 
 Scores are per KV head (summed over the query heads of its GQA group) so the group shares one index
 list. ``selection_bytes_per_token`` is what scoring reads per cached token and KV head, so methods can
@@ -80,6 +81,16 @@ class SelectionMethod(ABC):
     ) -> torch.Tensor:
         """Indices ``[B, H_kv, k]`` to attend to (pass ``scores`` to reuse them across budgets)."""
         return top_k_indices(self.scores(query, cache, layer) if scores is None else scores, budget)
+
+    def attend(
+        self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
+    ) -> torch.Tensor:
+        """Decode attention ``[B, H_q, d]`` over the rows :meth:`select` picks (what a model's decode step
+        needs); methods with a fused select + attend kernel override it with the same result."""
+        from lmexec.hata.attention import sparse_attention
+
+        indices = self.select(query, cache, layer, budget)
+        return sparse_attention(query, cache.keys, cache.values, indices, scale)
 
     @abstractmethod
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:

@@ -77,18 +77,33 @@ class HashSelection(SelectionMethod):
         earlier key and indices come in position order."""
         if scores is not None:
             return super().select(query, cache, layer, budget, scores)
-        key_codes = self._codes(cache).view()
+        query_codes, key_codes, valid, blocks = self._topk_inputs(query, cache, layer)
         n = key_codes.shape[2]
+        return kernels.hamming_topk(
+            query_codes, key_codes, budget.tokens(n), budget.sink, budget.recent, valid, key_blocks=blocks
+        )
+
+    def attend(
+        self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
+    ) -> torch.Tensor:
+        """Select + attend in one fused kernel where there is one (CPU)."""
+        query_codes, key_codes, valid, blocks = self._topk_inputs(query, cache, layer)
+        n = key_codes.shape[2]
+        return kernels.hamming_topk_attention(
+            query, query_codes, key_codes, cache.keys, cache.values, budget.tokens(n), budget.sink,
+            budget.recent, valid, scale, key_blocks=blocks,
+        )  # fmt: skip
+
+    def _topk_inputs(self, query: torch.Tensor, cache: LayerCache, layer: int):
+        """Query codes, key codes, the validity mask (padding) and the code blocks (None where absent)."""
+        key_codes = self._codes(cache).view()
         valid = cache.state.get(VALID_STATE)
         blocks = cache.extras.get(self._blocks_name)  # absent where blocks are not kept
-        return kernels.hamming_topk(
+        return (
             self.query_codes(query, layer, key_codes.shape[1]),
             key_codes,
-            budget.tokens(n),
-            budget.sink,
-            budget.recent,
             valid if isinstance(valid, torch.Tensor) else None,
-            key_blocks=blocks.view() if blocks is not None else None,
+            blocks.view() if blocks is not None else None,
         )
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
