@@ -215,9 +215,10 @@ def test_fused_topk_attention_equals_topk_then_gather(shape, dtype, tol):
     attention, with and without code blocks, forced keys and padding (``valid`` masks both steps)."""
     query, keys, values, w = _data(*shape)
     query, keys, values = query.to(dtype), keys.to(dtype), values.to(dtype)
-    qc, kc = _codes(query.float(), keys.float(), w)
+    _, kc = _codes(query.float(), keys.float(), w)
+    b, h, n, d = keys.shape
+    qc = cpu.encode(query.float().reshape(b, h, -1, d), w)  # the fused kernel's fp32 FMA encode
     blocks = _blocks_of(kc)
-    b, n = keys.shape[0], keys.shape[2]
     valid = torch.ones(b, n, dtype=torch.bool)
     valid[0, : n // 3] = False
     for k, sink, recent, mask in (
@@ -230,11 +231,12 @@ def test_fused_topk_attention_equals_topk_then_gather(shape, dtype, tol):
         want = ref.gather_attention(query, keys, values, idx, 0.3, valid=mask)
         for key_blocks in (None, blocks):
             got = cpu.hamming_topk_attention(
-                query, qc, kc, keys, values, k, sink, recent, mask, 0.3, key_blocks
+                query, w, kc, keys, values, k, sink, recent, mask, 0.3, key_blocks
             )
             assert got.dtype == dtype and got.shape == query.shape
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
-        composed = kernels.hamming_topk_attention(query, qc, kc, keys, values, k, sink, recent, mask, 0.3)
+        with kernels.use_backend("torch"):
+            composed = kernels.hamming_topk_attention(query, w, kc, keys, values, k, sink, recent, mask, 0.3)
         torch.testing.assert_close(composed.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
 
 

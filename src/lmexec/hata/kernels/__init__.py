@@ -205,7 +205,7 @@ def gather_attention(
 
 def hamming_topk_attention(
     query: torch.Tensor,
-    query_codes: torch.Tensor,
+    w: torch.Tensor,
     key_codes: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -216,16 +216,19 @@ def hamming_topk_attention(
     scale: float | None = None,
     key_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention over the keys :func:`hamming_topk` selects: the same result as
-    ``gather_attention(query, keys, values, hamming_topk(...), scale, valid=valid)``, fused into one
-    kernel on CPU (numba), composed of the two elsewhere."""
+    """Decode attention of ``query [B, H_q, d]`` over the keys that :func:`hamming_topk` selects for
+    its codes under ``W [H_kv, d, bits]``: the result of ``encode`` (grouped query), ``hamming_topk``
+    and ``gather_attention(..., valid=valid)``, fused into one kernel on CPU (numba), composed of the
+    three elsewhere."""
     if backend_for(key_codes) == "numba" and backend_for(keys) == "numba":
         from lmexec.hata.kernels import cpu
 
         if keys.dtype in cpu.SUPPORTED_ATTENTION_DTYPES and values.dtype == keys.dtype:
             return cpu.hamming_topk_attention(
-                query, query_codes, key_codes, keys, values, k, sink, recent, valid, scale, key_blocks
+                query, w, key_codes, keys, values, k, sink, recent, valid, scale, key_blocks
             )
+    b, h_q, d = query.shape
+    query_codes = encode(query.reshape(b, key_codes.shape[1], h_q // key_codes.shape[1], d), w)
     indices = hamming_topk(query_codes, key_codes, k, sink, recent, valid, key_blocks)
     return gather_attention(query, keys, values, indices, scale, valid=valid)
 

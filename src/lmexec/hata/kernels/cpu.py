@@ -719,8 +719,10 @@ def _gather_task(task, q, keys, values, idx, scale, keep, has_keep, valid, has_v
 
 @nb.njit(cache=True, parallel=True, fastmath=_FAST, boundscheck=False)
 def _topk_attention_kernel(qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, indices, scores,
-                           want_scores, workspace, q, keys, values, scale, out):  # fmt: skip
+                           want_scores, workspace, q, keys, values, scale, out, w):  # fmt: skip
+    """Per (batch, KV head): encode the group's queries into ``qc`` under ``W``, select, attend."""
     for task in nb.prange(qc.shape[0] * qc.shape[1]):
+        _encode_task(q, w, qc, task // qc.shape[1], task % qc.shape[1])
         _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, indices, scores,
                      want_scores, workspace)  # fmt: skip
         _gather_task(task, q, keys, values, indices, scale, _DUMMY_MASK, False, valid, has_valid, out)
@@ -748,25 +750,31 @@ def _encode_small_kernel(x, w, out):
     purpose: a decode step encodes a handful of rows, less work than waking threads. Accumulates in
     fp32 (fused multiply-add, 8 lanes) over ``W``'s contiguous rows, so a bit can differ from the
     reference matmul only where the projection is within rounding of 0."""
-    b_count, h_count, t_count, d = x.shape
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            _encode_task(x, w, out, b, h)
+
+
+@nb.njit(cache=True, fastmath={"contract"}, boundscheck=False)
+def _encode_task(x, w, out, b, h):
+    """:func:`_encode_small_kernel` for the rows of one (batch, head)."""
+    t_count, d = x.shape[2], x.shape[3]
     r = w.shape[2]
     words = out.shape[3]
     acc = np.empty(r, np.float32)
-    for b in range(b_count):
-        for h in range(h_count):
-            for t in range(t_count):
-                for j in range(r):
-                    acc[j] = 0.0
-                for c in range(d):
-                    xc = x[b, h, t, c]
-                    for j in range(r):  # indexed, not a view per row: views cost atomic refcounts
-                        acc[j] += xc * w[h, c, j]
-                for word in range(words):
-                    bits = np.uint64(0)
-                    for j in range(min(64, r - 64 * word)):
-                        if acc[64 * word + j] >= 0:
-                            bits |= np.uint64(1) << np.uint64(j)
-                    out[b, h, t, word] = bits
+    for t in range(t_count):
+        for j in range(r):
+            acc[j] = 0.0
+        for c in range(d):
+            xc = x[b, h, t, c]
+            for j in range(r):  # indexed, not a view per row: views cost atomic refcounts
+                acc[j] += xc * w[h, c, j]
+        for word in range(words):
+            bits = np.uint64(0)
+            for j in range(min(64, r - 64 * word)):
+                if acc[64 * word + j] >= 0:
+                    bits |= np.uint64(1) << np.uint64(j)
+            out[b, h, t, word] = bits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -933,7 +941,7 @@ def gather_attention(
 
 def hamming_topk_attention(
     query: torch.Tensor,
-    query_codes: torch.Tensor,
+    w: torch.Tensor,
     key_codes: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -944,13 +952,16 @@ def hamming_topk_attention(
     scale: float | None = None,
     key_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`hamming_topk` then :func:`gather_attention` (``valid`` masks both) in one parallel region:
-    each thread attends over a (batch, KV head) right after selecting its keys, so one core's random
-    K/V row reads overlap the other's streaming code scan, and one thread launch is saved."""
+    """Encode the queries under ``W [H_kv, d, bits]``, :func:`hamming_topk`, then :func:`gather_attention`
+    (``valid`` masks both) in one parallel region: each thread encodes, selects and attends for one
+    (batch, KV head) at a time, so one core's random K/V row reads overlap the other's streaming code
+    scan, and the query encode (a 4 x 128 x 128 product per KV head) is split over the threads too."""
     (q, k_rows, v_rows, scale_), out = _attention_args(query, keys, values, scale)
+    b, h_kv, g, _ = q.shape
+    query_codes = torch.empty(b, h_kv, g, key_codes.shape[3], dtype=torch.int64)
     with _LOCK:
         args, _, _ = _topk_args(query_codes, key_codes, k, sink, recent, valid, key_blocks, False)
-        _topk_attention_kernel(*args, q, k_rows, v_rows, scale_, out.numpy())
+        _topk_attention_kernel(*args, q, k_rows, v_rows, scale_, out.numpy(), w.float().contiguous().numpy())
     return out.reshape(query.shape[0], query.shape[1], values.shape[-1]).to(query.dtype)
 
 

@@ -77,7 +77,8 @@ class HashSelection(SelectionMethod):
         earlier key and indices come in position order."""
         if scores is not None:
             return super().select(query, cache, layer, budget, scores)
-        query_codes, key_codes, valid, blocks = self._topk_inputs(query, cache, layer)
+        key_codes, valid, blocks = self._key_inputs(cache)
+        query_codes = self.query_codes(query, layer, key_codes.shape[1])
         n = key_codes.shape[2]
         return kernels.hamming_topk(
             query_codes, key_codes, budget.tokens(n), budget.sink, budget.recent, valid, key_blocks=blocks
@@ -86,22 +87,21 @@ class HashSelection(SelectionMethod):
     def attend(
         self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
     ) -> torch.Tensor:
-        """Select + attend in one fused kernel where there is one (CPU)."""
-        query_codes, key_codes, valid, blocks = self._topk_inputs(query, cache, layer)
-        n = key_codes.shape[2]
+        """Encode + select + attend in one fused kernel where there is one (CPU)."""
+        key_codes, valid, blocks = self._key_inputs(cache)
+        b, h_kv, n, _ = key_codes.shape
+        w = self.projection(layer, h_kv, query.shape[2]).to(query.device)
         return kernels.hamming_topk_attention(
-            query, query_codes, key_codes, cache.keys, cache.values, budget.tokens(n), budget.sink,
-            budget.recent, valid, scale, key_blocks=blocks,
+            query, w, key_codes, cache.keys, cache.values, budget.tokens(n), budget.sink, budget.recent,
+            valid, scale, key_blocks=blocks,
         )  # fmt: skip
 
-    def _topk_inputs(self, query: torch.Tensor, cache: LayerCache, layer: int):
-        """Query codes, key codes, the validity mask (padding) and the code blocks (None where absent)."""
-        key_codes = self._codes(cache).view()
+    def _key_inputs(self, cache: LayerCache):
+        """Key codes, the validity mask (padding) and the code blocks (None where absent)."""
         valid = cache.state.get(VALID_STATE)
         blocks = cache.extras.get(self._blocks_name)  # absent where blocks are not kept
         return (
-            self.query_codes(query, layer, key_codes.shape[1]),
-            key_codes,
+            self._codes(cache).view(),
             valid if isinstance(valid, torch.Tensor) else None,
             blocks.view() if blocks is not None else None,
         )
