@@ -123,3 +123,10 @@ def test_dispatch_runs_triton_backend():
         torch.testing.assert_close(
             kernels.gather_attention(query, keys, values, idx), ref.gather_attention(query, keys, values, idx)
         )
+        # select + attend: on this backend the three kernels composed
+        b, h, n, d = keys.shape
+        want_idx = ref.hamming_topk(ref.encode(query.reshape(b, h, -1, d), w), kc, 10, 0, 1)
+        torch.testing.assert_close(
+            kernels.hamming_topk_attention(query, w, kc, keys, values, 10, 0, 1, scale=0.3),
+            ref.gather_attention(query, keys, values, want_idx, 0.3),
+        )
