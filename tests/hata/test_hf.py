@@ -263,3 +263,33 @@ def test_fused_hash_selection_equals_select_valid_without_padding(sink, recent):
         want, keep = select_valid(method.scores(query, cache, 0), budget, None)
         assert keep is None
         assert torch.equal(fused, want)
+
+
+def test_fused_attend_equals_the_select_then_gather_path():
+    """Without padding a hash method's decode step is one fused kernel (``attend``); with
+    ``record_recall`` the integration needs the indices and takes select + gather. Same logits."""
+    model = tiny()
+    ids = torch.randint(1, 96, (2, 300), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for record in (False, True):
+        handle = enable(
+            model,
+            method="simhash",
+            budget=24,
+            bits=64,
+            dense_layers=1,
+            sink=1,
+            recent=2,
+            record_recall=record,
+        )
+        cache = handle.cache()
+        out = model.generate(
+            ids, max_new_tokens=6, do_sample=False, pad_token_id=0, cache=cache,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        assert cache.settings.stats["steps"] == 5 * 3
+        runs.append(out)
+        handle.disable()
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for fused, separate in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)

@@ -259,6 +259,29 @@ def test_attend_equals_select_then_sparse_attention():
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def test_attend_with_padding_never_attends_padding():
+    """With the cache's validity mask set and a budget larger than a row's real tokens, the selection
+    must fall back to padding keys; both the fused and the default ``attend`` mask them out."""
+    from lmexec.hata.selection.base import VALID_STATE, SelectionMethod
+
+    query, keys, values, _ = _data(2, 2, 3, 90, 16, 128, seed=8)
+    cache = LayerCache.from_prefill(keys, values)
+    valid = torch.ones(2, 90, dtype=torch.bool)
+    valid[1, :70] = False  # row 1: 20 real tokens, budget 40
+    cache.state[VALID_STATE] = valid
+    method = SimHash(bits=128)
+    method.prepare(cache, 3)
+    budget = Budget(40, sink=1, recent=2)
+    fused = method.attend(query, cache, 3, budget, 0.25)
+    composed = SelectionMethod.attend(method, query, cache, 3, budget, 0.25)
+    torch.testing.assert_close(fused, composed, atol=2e-5, rtol=2e-5)
+    # row 1 equals attention over its real tokens only (20 <= budget: all of them)
+    real = ref.gather_attention(
+        query[1:], keys[1:, :, 70:], values[1:, :, 70:], torch.arange(20).expand(1, 2, 20), 0.25
+    )
+    torch.testing.assert_close(fused[1:], real, atol=2e-5, rtol=2e-5)
+
+
 def test_fp16_attention_falls_back_to_reference():
     query, keys, values, _ = _data(1, 2, 2, 40, 16, 128)
     idx = torch.arange(10).expand(1, 2, 10).contiguous()

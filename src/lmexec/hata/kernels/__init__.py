@@ -1,4 +1,5 @@
-"""Fast HATA kernels behind one dispatch: encode, Hamming score + top-k, gather attention.
+"""Fast HATA kernels behind one dispatch: encode, Hamming score + top-k, gather attention, and the
+three fused.
 
 Every operation has a plain torch reference (:mod:`.reference`, the definition), a CPU implementation
 in numba (:mod:`.cpu`) and a GPU implementation in Triton (:mod:`.gpu`). The backend is chosen per call
@@ -19,7 +20,10 @@ Semantics shared by all backends (tested equal to the reference):
   positions: forced sink/recent keys first, then smallest distance, ties to the earlier key, padding
   (``valid [B, N]`` False) only when nothing else is left;
 * ``gather_attention(q [B, H_q, d], K, V [B, H_kv, N, d], idx [B, H_kv, K], scale, keep [B, K],
-  valid [B, N])`` -> ``[B, H_q, d]`` in the query dtype, fp32 math.
+  valid [B, N])`` -> ``[B, H_q, d]`` in the query dtype, fp32 math;
+* ``hamming_topk_attention(q, W, k codes, K, V, k_sel, sink, recent, valid, scale)``: ``encode`` of the
+  grouped query, ``hamming_topk``, ``gather_attention`` with ``valid``: one fused kernel on CPU,
+  composed of the three elsewhere.
 """
 
 from __future__ import annotations

@@ -10,13 +10,17 @@ and bit packing for encode.
   counting selection: a histogram of a sample (every ``step``-th block, or key) estimates the threshold
   bin, one pass keeps the positions at or below it (in order), and their histogram gives the exact
   threshold and its tie count (a pass keeping every key when fewer than k were at or below the
-  estimate). No sorted array is ever built: O(N) per task; scratch is reused across calls.
+  estimate). No sorted array is ever built: O(N) per task; scratch is reused across calls. Over code
+  blocks the candidate pass is branch-free with software prefetch (:func:`_collect_blocks`).
 * :func:`gather_attention`: one task per (batch, KV head); the group's ``G`` query heads share each
   gathered K/V row (GQA). Three passes: logits of every selected K row, softmax weights in place, then
   the weighted V rows; each pass streams its rows with software prefetch a fixed distance ahead, so
   many random-row misses are in flight at once. (Measured on the 2-core machine, 2048 x 8 rows of a
   128K fp32 cache: about 30% faster than blocks of 64 rows with an online softmax, whose burst of
   V-row prefetches per block overflowed the miss queues.) bf16 rows are widened in registers.
+* :func:`hamming_topk_attention`: the decode step in one parallel region; each (batch, KV head) task
+  encodes its query group under ``W``, selects (as :func:`hamming_topk`) and attends (as
+  :func:`gather_attention`).
 * :func:`pack_bits`: ``projection >= 0`` packed 64 bits per word, LSB first (bit order version 1).
 
 Threading: see :func:`lmexec.hata.kernels.select_threading_layer` (OpenMP shared with torch, else

@@ -86,11 +86,15 @@ class SelectionMethod(ABC):
         self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
     ) -> torch.Tensor:
         """Decode attention ``[B, H_q, d]`` over the rows :meth:`select` picks (what a model's decode step
-        needs); methods with a fused select + attend kernel override it with the same result."""
-        from lmexec.hata.attention import sparse_attention
+        needs); padding (``cache.state[VALID_STATE]``) is never attended, even where a budget larger than
+        the real tokens selects it. Methods with a fused select + attend kernel override it with the
+        same result."""
+        from lmexec.hata import kernels
 
         indices = self.select(query, cache, layer, budget)
-        return sparse_attention(query, cache.keys, cache.values, indices, scale)
+        valid = cache.state.get(VALID_STATE)
+        valid = valid if isinstance(valid, torch.Tensor) else None
+        return kernels.gather_attention(query, cache.keys, cache.values, indices, scale, valid=valid)
 
     @abstractmethod
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
