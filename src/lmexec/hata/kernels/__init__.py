@@ -231,8 +231,9 @@ def hamming_topk_attention(
             return cpu.hamming_topk_attention(
                 query, w, key_codes, keys, values, k, sink, recent, valid, scale, key_blocks
             )
-    b, h_q, d = query.shape
-    query_codes = encode(query.reshape(b, key_codes.shape[1], h_q // key_codes.shape[1], d), w)
+    from lmexec.hata.attention import group_queries
+
+    query_codes = encode(group_queries(query, key_codes.shape[1]), w)
     indices = hamming_topk(query_codes, key_codes, k, sink, recent, valid, key_blocks)
     return gather_attention(query, keys, values, indices, scale, valid=valid)
 

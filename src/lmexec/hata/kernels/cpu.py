@@ -41,6 +41,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from lmexec.hata.attention import group_queries
 from lmexec.hata.kernels import CODE_BLOCK_KEYS, code_block_bytes, select_threading_layer
 
 PREFETCH_DISTANCE = 8
@@ -321,18 +322,11 @@ def _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, ha
     # estimate (in position order) and the exact threshold comes from their histogram alone. If
     # fewer than k keys were at or below the estimate, the pass is redone keeping every key.
     limit = _sample_limit(scan, ranks, b, n, k, sink, recent, valid, has_valid, n_bins)
-    if use_blocks and not want_scores:
-        m, good = _collect_blocks(scan, listed, b, n, limit, sink, recent, valid, has_valid, pad_bin,
-                                  positions, kept)  # fmt: skip
-        if good < k:
-            m, good = _collect_blocks(scan, listed, b, n, pad_bin, sink, recent, valid, has_valid, pad_bin,
-                                      positions, kept)  # fmt: skip
-    else:
-        m, good = _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bin, positions,
-                           kept, scores_out, want_scores)  # fmt: skip
-        if good < k:
-            m, good = _collect(scan, ranks, b, h, n, pad_bin, sink, recent, valid, has_valid, pad_bin,
-                               positions, kept, scores_out, False)  # fmt: skip
+    m, good = _candidates(scan, ranks, listed, b, h, n, limit, sink, recent, valid, has_valid, pad_bin,
+                          positions, kept, scores_out, want_scores)  # fmt: skip
+    if good < k:
+        m, good = _candidates(scan, ranks, listed, b, h, n, pad_bin, sink, recent, valid, has_valid, pad_bin,
+                              positions, kept, scores_out, False)  # fmt: skip
     hist = np.zeros(n_bins, np.int64)
     for c in range(m):
         hist[kept[c]] += 1
@@ -474,6 +468,18 @@ def _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bi
         m, good = _emit_block(r, 0, mask, base, b, n, limit, sink, recent, valid, has_valid, pad_bin,
                               positions, kept, m, good)  # fmt: skip
     return m, good
+
+
+@nb.njit(cache=True, inline="always", boundscheck=False)
+def _candidates(scan, ranks, listed, b, h, n, limit, sink, recent, valid, has_valid, pad_bin, positions, kept,
+                scores_out, want_scores):  # fmt: skip
+    """The candidate pass: :func:`_collect_blocks` over code blocks, else (rows, or every key's score
+    wanted) :func:`_collect`."""
+    if scan.use_blocks and not want_scores:
+        return _collect_blocks(scan, listed, b, n, limit, sink, recent, valid, has_valid, pad_bin, positions,
+                               kept)  # fmt: skip
+    return _collect(scan, ranks, b, h, n, limit, sink, recent, valid, has_valid, pad_bin, positions, kept,
+                    scores_out, want_scores)  # fmt: skip
 
 
 @nb.njit(cache=True, boundscheck=False)
@@ -825,8 +831,8 @@ _WORKSPACE = np.empty(0, np.int32)
 
 def _workspace(tasks: int, n: int) -> np.ndarray:
     """Scratch ``[tasks, 4, n rounded up to whole blocks]`` int32 (ranks of the row path or the block
-    path's listed ranks, kept positions, their ranks, listed block ids and masks), reused across calls (callers hold the lock). A fresh buffer per call would be a fresh
-    ``mmap``: at 128K keys its page faults cost about as much as the selection itself (measured 1.5 ms
+    path's listed ranks, kept positions, their ranks, listed block ids and masks), reused across calls
+    (callers hold the lock). A fresh buffer per call would be a fresh ``mmap``: at 128K keys its page faults cost about as much as the selection itself (measured 1.5 ms
     of 4 ms single-threaded)."""
     global _WORKSPACE
     n = -(-n // BLOCK_KEYS) * BLOCK_KEYS
@@ -917,7 +923,7 @@ def _attention_args(query, keys, values, scale):
     b, h_q, d = query.shape
     h_kv = keys.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    grouped = query.reshape(b, h_kv, h_q // h_kv, d).float().contiguous()
+    grouped = group_queries(query, h_kv).float().contiguous()
     out = torch.empty(b, h_kv, h_q // h_kv, values.shape[-1], dtype=torch.float32)
     args = (grouped.numpy(), _np(rows_buffer(keys)), _np(rows_buffer(values)), np.float32(scale))
     return args, out
