@@ -97,3 +97,21 @@ def test_large_cpu_buffers_get_huge_pages():
     small = GrowableBuffer(1, 8, 128, torch.float32, capacity=64)
     small.append(torch.zeros(1, 8, rows, 128))
     assert small.huge_pages and small.reallocations == 1
+
+
+def test_derived_is_kept_until_the_storage_is_replaced():
+    buf = GrowableBuffer(1, 2, 4, torch.float32, capacity=8)
+    made = []
+
+    def make(t):
+        made.append(t)
+        return t.numpy()
+
+    first = buf.derived("np", make)
+    buf.append(torch.ones(1, 2, 3, 4))
+    assert buf.derived("np", make) is first and len(made) == 1  # in-place appends keep it
+    buf.append(torch.ones(1, 2, 9, 4))  # grows: new storage
+    grown = buf.derived("np", make)
+    assert grown is not first and made[-1] is buf.data and grown[0, 0, 11, 0] == 1
+    buf.data = buf.data.index_select(0, torch.tensor([0]))  # replaced from outside (a beam reorder)
+    assert buf.derived("np", make) is not grown and len(made) == 3

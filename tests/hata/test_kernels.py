@@ -410,10 +410,32 @@ def test_hash_methods_keep_code_blocks_in_step_with_rows(bits):
         assert blocks.shape[2] == -(-stop // 32)
         assert cpu.code_blocks_usable(rows, blocks, 2)
         assert torch.equal(_keys_of(blocks, stop), rows.contiguous().view(torch.uint8))
+        w = method.projection(0, 3, 16)
+        assert torch.equal(rows[:, :, start:], cpu.encode(keys[:, :, start:stop], w))  # one fused call
         fused = method.select(query, cache, 0, budget)
+        attended = method.attend(query, cache, 0, budget, 0.25)  # the kernel's arrays follow the growth
         with kernels.use_backend("torch"):
             assert torch.equal(fused, method.select(query, cache, 0, budget))
+            torch.testing.assert_close(attended, method.attend(query, cache, 0, budget, 0.25))
     assert cache.extras["simhash_code_blocks"].reallocations >= 1
+    assert cache.key_buffer.reallocations >= 1
+
+
+def test_append_codes_reads_bf16_keys_in_place():
+    """A bf16 cache: the append kernel widens the stored keys itself, giving the codes of the fp32 keys."""
+    _, keys, values, _ = _data(1, 2, 1, 80, 16, 128, seed=4)
+    keys, values = keys.bfloat16(), values.bfloat16()
+    cache = LayerCache.empty(1, 2, 16, dtype=torch.bfloat16, capacity=32)
+    method = SimHash(bits=128)
+    method.prepare(cache, 0)
+    for stop in range(1, 80, 7):
+        start = cache.append(keys[:, :, cache.length : stop], values[:, :, cache.length : stop])
+        method.on_append(cache, 0, start)
+    w = method.projection(0, 2, 16)
+    rows = method._codes(cache).view()
+    for start in range(0, 78, 7):  # each append encoded its own rows
+        stop = min(start + 7, 78)
+        assert torch.equal(rows[:, :, start:stop], cpu.encode(keys[:, :, start:stop].float(), w))
 
 
 def test_exp_nonpositive_matches_numpy():

@@ -65,16 +65,23 @@ def test_bench_bad_flags(capsys, flags, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_every_timed_step_starts_after_an_eviction(monkeypatch):
+def test_every_timed_step_starts_after_an_eviction_and_methods_interleave(monkeypatch):
     """Each step, warm-up included, follows an untimed read of ``evict_mb`` MiB (cold caches, as in a
-    model where the other layers ran in between)."""
+    model where the other layers ran in between); the methods take turns, one step each per round, in
+    alternating order, so a drift of the machine's speed cannot favour one of them."""
     from lmexec.hata import bench
     from lmexec.hata.budget import Budget
 
     calls = []
     monkeypatch.setattr(bench, "_evict", lambda mib: calls.append(mib))
+    order = []
+    timed = bench._Stepper.timed
+    monkeypatch.setattr(bench._Stepper, "timed", lambda self: (order.append(self.name), timed(self))[1])
     cfg = bench.BenchConfig(heads=4, kv_heads=2, head_dim=16, bits=64, repeats=3, warmup=2, evict_mb=7)
     case = bench._Case(cfg, torch.float32, 1, 200)
-    samples, _ = bench.run_case(cfg, case, "hata", Budget(32))
-    assert len(samples) == 3
-    assert calls[: cfg.warmup + cfg.repeats] == [7] * (cfg.warmup + cfg.repeats)
+    times = bench.run_methods(cfg, case, ("dense", "hata"), Budget(32))
+    assert [len(times[m][0]) for m in ("dense", "hata")] == [3, 3]
+    assert order == ["dense", "hata", "hata", "dense", "dense", "hata"]
+    steps = 2 * (cfg.warmup + cfg.repeats)
+    assert calls == [7] * (2 + steps)  # one reset per stepper before the warm-up, one after every step
+    assert case.keys.length == case.values.length == 200  # the cache is left as it was

@@ -14,7 +14,8 @@ tokens, batch ``B``, ``H_q``/``H_kv`` heads, head_dim ``d``):
   selection code, then the gather-attention kernel HATA's fused kernel uses.
 
 Each step is timed alone (``perf_counter``), warm-up steps first, and the median is reported; after a
-step the cache is cut back to ``N`` so every step sees the same context. The memory bandwidth is a
+step the cache is cut back to ``N`` so every step sees the same context. The methods' steps are
+interleaved (one step of each per round), so a drift of the machine's speed moves them alike. The memory bandwidth is a
 streaming ``torch.sum`` over a 1 GiB tensor with all threads, measured before and after the rows; the
 larger value bounds every method: ``bound = bytes / bandwidth``, with bytes = what a step must read:
 
@@ -133,25 +134,6 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / best
 
 
-def _time(
-    step: Callable[[], None], reset: Callable[[], None], warmup: int, repeats: int
-) -> tuple[list[float], list[float]]:
-    """Wall-clock and process CPU milliseconds of each timed step (CPU time sums all threads, so
-    ``cpu / threads`` is what the step would take on otherwise idle cores)."""
-    for _ in range(warmup):
-        step()
-        reset()
-    samples, cpu = [], []
-    for _ in range(repeats):
-        c = time.process_time()
-        t = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - t) * 1e3)
-        cpu.append((time.process_time() - c) * 1e3)
-        reset()
-    return samples, cpu
-
-
 def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, element: int) -> int:
     """Bytes one decode step of one layer must read (see the module docstring)."""
     rows = batch * cfg.kv_heads
@@ -219,41 +201,82 @@ def _evict(mib: int) -> None:
     _EVICT.sum()
 
 
-def run_case(cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> tuple[list[float], list[float]]:
-    """Timed decode steps of one method on ``case``."""
-    cache = case.cache()
-    method = _method(name, cfg, case)
-    if method is not None:
-        method.prepare(cache, LAYER)
-    lengths = {key: b.length for key, b in cache.extras.items()}
-    q, scale = case.query, 1.0 / math.sqrt(cfg.head_dim)
-    b, h, d = q.shape[0], cfg.kv_heads, cfg.head_dim
-    grouped = q.reshape(b, h, cfg.heads // h, d)
+class _Stepper:
+    """One method's decode step on a case: its own view of the shared K/V (its features kept beside),
+    and the reset that cuts the cache back to ``N`` and evicts the caches before the next step."""
 
-    def reset() -> None:
-        case.keys.length = case.values.length = case.n
-        for key, length in lengths.items():
-            cache.extras[key].length = length
-        _evict(cfg.evict_mb)
+    def __init__(self, cfg: BenchConfig, case: _Case, name: str, budget: Budget) -> None:
+        self.cfg, self.case, self.name = cfg, case, name
+        self.cache = cache = case.cache()
+        method = _method(name, cfg, case)
+        if method is not None:
+            method.prepare(cache, LAYER)
+        self.lengths = {key: b.length for key, b in cache.extras.items()}
+        q, scale = case.query, 1.0 / math.sqrt(cfg.head_dim)
+        b, h, d = q.shape[0], cfg.kv_heads, cfg.head_dim
+        grouped = q.reshape(b, h, cfg.heads // h, d)
 
-    if method is None:
+        if method is None:
 
-        def step() -> None:
-            cache.append(case.new_k, case.new_v)
-            torch.nn.functional.scaled_dot_product_attention(grouped, cache.keys, cache.values, scale=scale)
+            def step() -> None:
+                cache.append(case.new_k, case.new_v)
+                torch.nn.functional.scaled_dot_product_attention(
+                    grouped, cache.keys, cache.values, scale=scale
+                )
 
-    else:
+        else:
 
-        def step() -> None:
-            start = cache.append(case.new_k, case.new_v)
-            method.on_append(cache, LAYER, start)
-            method.attend(q, cache, LAYER, budget, scale)
+            def step() -> None:
+                start = cache.append(case.new_k, case.new_v)
+                method.on_append(cache, LAYER, start)
+                method.attend(q, cache, LAYER, budget, scale)
 
+        self.step = step
+
+    def reset(self) -> None:
+        self.case.keys.length = self.case.values.length = self.case.n
+        for key, length in self.lengths.items():
+            self.cache.extras[key].length = length
+        _evict(self.cfg.evict_mb)
+
+    def timed(self) -> tuple[float, float]:
+        """Wall-clock and process CPU milliseconds of one step (CPU time sums all threads, so
+        ``cpu / threads`` is what the step would take on otherwise idle cores)."""
+        c = time.process_time()
+        t = time.perf_counter()
+        self.step()
+        wall = (time.perf_counter() - t) * 1e3
+        cpu = (time.process_time() - c) * 1e3
+        self.reset()
+        return wall, cpu
+
+
+def run_methods(
+    cfg: BenchConfig, case: _Case, names: tuple[str, ...], budget: Budget
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Timed decode steps of every method on ``case``, interleaved: each round times one step of each
+    method (in alternating order), so a drift of the machine's speed during the case (this VM's streaming
+    bandwidth drifts by up to 1.4x within minutes) moves every method alike and their ratios hold.
+    Returns per method the wall and CPU milliseconds of each timed step."""
+    steppers = [_Stepper(cfg, case, name, budget) for name in names]
     try:
-        return _time(step, reset, cfg.warmup, cfg.repeats)
+        for stepper in steppers:
+            stepper.reset()
+        for _ in range(cfg.warmup):
+            for stepper in steppers:
+                stepper.step()
+                stepper.reset()
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
+        for round_ in range(cfg.repeats):
+            for stepper in steppers if round_ % 2 == 0 else steppers[::-1]:
+                wall, cpu = stepper.timed()
+                times[stepper.name][0].append(wall)
+                times[stepper.name][1].append(cpu)
+        return times
     finally:
-        reset()
-        cache.extras.clear()
+        for stepper in steppers:
+            stepper.cache.extras.clear()
+        case.keys.length = case.values.length = case.n
 
 
 def machine() -> dict[str, object]:
@@ -302,9 +325,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     case = _Case(cfg, dtype, batch, n)
                     budget = Budget(cfg.budget, cfg.sink, cfg.recent)
                     k = budget.tokens(n + 1)
+                    note(f"{dtype_name} B={batch} N={n}: {', '.join(cfg.methods)}, interleaved")
+                    times = run_methods(cfg, case, cfg.methods, budget)
                     for name in cfg.methods:
-                        note(f"{dtype_name} B={batch} N={n}: {name}")
-                        samples, cpu = run_case(cfg, case, name, budget)
+                        samples, cpu = times[name]
                         nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
                         qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
                         rows.append(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -19,6 +21,7 @@ HUGE_PAGE_MIN_BYTES = 32 << 20
 """CPU buffers at least this large are backed by 2 MiB pages where Linux allows it."""
 
 HUGE_PAGE = 2 << 20
+T = TypeVar("T")
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
@@ -79,10 +82,33 @@ class GrowableBuffer:
         )
         self.length = 0
         self.reallocations = 0
+        self._derived: dict[str, tuple[torch.Tensor, object]] = {}
 
     @property
     def capacity(self) -> int:
         return self.data.shape[2]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of :meth:`view` (``[B, H, length, F]``) without making the view."""
+        b, h, _, f = self.data.shape
+        return torch.Size((b, h, self.length, f))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    def derived(self, key: str, make: Callable[[torch.Tensor], T]) -> T:
+        """``make(self.data)``, kept until the storage is replaced (growth, a beam reorder).
+
+        Lets a kernel backend keep its own handle on the whole buffer (the numba kernels' numpy array)
+        instead of rebuilding it from a fresh view every decode step: per step, the torch/numpy
+        conversions cost more than the kernels at short contexts."""
+        entry = self._derived.get(key)
+        if entry is None or entry[0] is not self.data:
+            entry = (self.data, make(self.data))
+            self._derived[key] = entry
+        return entry[1]  # type: ignore[return-value]
 
     def reserve(self, needed: int) -> None:
         """Ensure room for ``needed`` rows: grow to max(needed, 2 * capacity), rounded up to ``step``."""
@@ -95,6 +121,7 @@ class GrowableBuffer:
             (b, h, new_capacity, f), self.data.dtype, self.data.device, self.want_huge_pages
         )
         grown[:, :, : self.length] = self.data[:, :, : self.length]
+        self._derived.clear()  # they hold the old storage
         self.data = grown
         self.reallocations += 1
 

@@ -37,9 +37,15 @@ from importlib.util import find_spec
 import torch
 
 from lmexec.errors import UserError
+from lmexec.hata.cache import GrowableBuffer
 from lmexec.hata.kernels import reference
 
 ENV_VAR = "LMEXEC_HATA_KERNELS"
+SMALL_ENCODE_ROWS = 64
+"""Up to this many new rows per head (decode steps) the CPU encodes in one fused single-threaded call;
+more (prefill) go through one batched matmul, the same as the reference, and the parallel packer."""
+Rows = torch.Tensor | GrowableBuffer
+"""Per-token rows (K, V, codes, code blocks): a ``[B, H, n, F]`` tensor or the cache buffer holding them."""
 BACKENDS = ("auto", "torch", "numba", "triton")
 _override: ContextVar[str | None] = ContextVar("lmexec_hata_kernels", default=None)
 
@@ -210,21 +216,22 @@ def gather_attention(
 def hamming_topk_attention(
     query: torch.Tensor,
     w: torch.Tensor,
-    key_codes: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    key_codes: Rows,
+    keys: Rows,
+    values: Rows,
     k: int,
     sink: int = 0,
     recent: int = 1,
     valid: torch.Tensor | None = None,
     scale: float | None = None,
-    key_blocks: torch.Tensor | None = None,
+    key_blocks: Rows | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``query [B, H_q, d]`` over the keys that :func:`hamming_topk` selects for
     its codes under ``W [H_kv, d, bits]``: the result of ``encode`` (grouped query), ``hamming_topk``
     and ``gather_attention(..., valid=valid)``, fused into one kernel on CPU (numba), composed of the
-    three elsewhere."""
-    if backend_for(key_codes) == "numba" and backend_for(keys) == "numba":
+    three elsewhere. The per-token inputs may be the cache's :class:`GrowableBuffer` s themselves, which
+    lets the CPU kernel reuse its view of them across steps."""
+    if backend_for(_storage(key_codes)) == "numba" and backend_for(_storage(keys)) == "numba":
         from lmexec.hata.kernels import cpu
 
         if keys.dtype in cpu.SUPPORTED_ATTENTION_DTYPES and values.dtype == keys.dtype:
@@ -233,15 +240,48 @@ def hamming_topk_attention(
             )
     from lmexec.hata.attention import group_queries
 
-    query_codes = encode(group_queries(query, key_codes.shape[1]), w)
-    indices = hamming_topk(query_codes, key_codes, k, sink, recent, valid, key_blocks)
-    return gather_attention(query, keys, values, indices, scale, valid=valid)
+    code_t, keys_t, values_t = _tensor(key_codes), _tensor(keys), _tensor(values)
+    query_codes = encode(group_queries(query, code_t.shape[1]), w)
+    blocks = _tensor(key_blocks) if key_blocks is not None else None
+    indices = hamming_topk(query_codes, code_t, k, sink, recent, valid, blocks)
+    return gather_attention(query, keys_t, values_t, indices, scale, valid=valid)
+
+
+def append_codes(
+    keys: GrowableBuffer, start: int, w: torch.Tensor, codes: GrowableBuffer, blocks: GrowableBuffer | None
+) -> None:
+    """Encode keys ``start..keys.length`` of a K buffer under ``W`` into the code buffer (and the code
+    blocks, see :func:`write_code_blocks`), whose storage the caller has grown to hold them: the cache
+    append of a decode step, in one kernel call on CPU. Lengths are the caller's to set."""
+    end = keys.length
+    backend = backend_for(codes.data)
+    if backend == "numba" and 0 < end - start <= SMALL_ENCODE_ROWS:
+        from lmexec.hata.kernels import cpu
+
+        if keys.dtype in cpu.SUPPORTED_ATTENTION_DTYPES:
+            cpu.append_codes(keys, start, w, codes, blocks)
+            return
+    new = encode(keys.data[:, :, start:end], w)
+    codes.data[:, :, start:end] = new
+    if blocks is not None:
+        write_code_blocks(blocks.data, start, new)
+
+
+def _tensor(x: Rows) -> torch.Tensor:
+    """The rows as a tensor (a buffer's filled part)."""
+    return x.view() if isinstance(x, GrowableBuffer) else x
+
+
+def _storage(x: Rows) -> torch.Tensor:
+    """A tensor on the rows' device, for choosing the backend without making a view."""
+    return x.data if isinstance(x, GrowableBuffer) else x
 
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "CODE_BLOCK_KEYS",
+    "append_codes",
     "backend_for",
     "code_block_bytes",
     "code_blocks_wanted",

@@ -42,7 +42,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from lmexec.hata.attention import group_queries
-from lmexec.hata.kernels import CODE_BLOCK_KEYS, code_block_bytes, select_threading_layer
+from lmexec.hata.cache import GrowableBuffer
+from lmexec.hata.kernels import CODE_BLOCK_KEYS, SMALL_ENCODE_ROWS, code_block_bytes, select_threading_layer
 
 PREFETCH_DISTANCE = 8
 _FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
@@ -207,16 +208,21 @@ def _write_blocks_kernel(codes, start, out):
     """Scatter row codes ``[B, H, T, words]`` of keys ``start..start+T`` into blocks ``[B, H, NB, 32 * 8 *
     words]`` (byte ``p`` of key ``32 * blk + j`` at ``out[., ., blk, 32 * p + j]``). Single-threaded: a
     decode step writes one key per head; a 128K-token prefill takes a few ms."""
-    b_count, h_count, t_count, w_count = codes.shape
-    for b in range(b_count):
-        for h in range(h_count):
-            for t in range(t_count):
-                blk, j = divmod(start + t, BLOCK_KEYS)
-                for w in range(w_count):
-                    word = codes[b, h, t, w]
-                    for byte in range(8):
-                        value = (word >> np.uint64(8 * byte)) & np.uint64(0xFF)
-                        out[b, h, blk, (w * 8 + byte) * BLOCK_KEYS + j] = np.uint8(value)
+    for b in range(codes.shape[0]):
+        for h in range(codes.shape[1]):
+            for t in range(codes.shape[2]):
+                _scatter_code(codes, b, h, t, start + t, out)
+
+
+@nb.njit(cache=True, inline="always", boundscheck=False)
+def _scatter_code(codes, b, h, t, key, out):
+    """Write the code ``codes[b, h, t]`` as key ``key``'s bytes in the blocks ``out`` (see above)."""
+    blk, j = divmod(key, BLOCK_KEYS)
+    for w in range(codes.shape[3]):
+        word = codes[b, h, t, w]
+        for byte in range(8):
+            value = (word >> np.uint64(8 * byte)) & np.uint64(0xFF)
+            out[b, h, blk, (w * 8 + byte) * BLOCK_KEYS + j] = np.uint8(value)
 
 
 @nb.njit(cache=True, boundscheck=False)
@@ -732,7 +738,7 @@ def _topk_attention_kernel(qc, kc, blocks, use_blocks, n, k, sink, recent, valid
                            want_scores, workspace, q, keys, values, scale, out, w):  # fmt: skip
     """Per (batch, KV head): encode the group's queries into ``qc`` under ``W``, select, attend."""
     for task in nb.prange(qc.shape[0] * qc.shape[1]):
-        _encode_task(q, w, qc, task // qc.shape[1], task % qc.shape[1])
+        _encode_rows(q, w, task // qc.shape[1], task % qc.shape[1], 0, q.shape[2], qc, 0)
         _select_task(task, qc, kc, blocks, use_blocks, n, k, sink, recent, valid, has_valid, indices, scores,
                      want_scores, workspace)  # fmt: skip
         _gather_task(task, q, keys, values, indices, scale, _DUMMY_MASK, False, valid, has_valid, out)
@@ -762,21 +768,35 @@ def _encode_small_kernel(x, w, out):
     reference matmul only where the projection is within rounding of 0."""
     for b in range(x.shape[0]):
         for h in range(x.shape[1]):
-            _encode_task(x, w, out, b, h)
+            _encode_rows(x, w, b, h, 0, x.shape[2], out, 0)
 
 
 @nb.njit(cache=True, fastmath={"contract"}, boundscheck=False)
-def _encode_task(x, w, out, b, h):
-    """:func:`_encode_small_kernel` for the rows of one (batch, head)."""
-    t_count, d = x.shape[2], x.shape[3]
+def _append_codes_kernel(keys, w, start, end, codes, blocks, use_blocks):
+    """Encode keys ``start..end`` of the K buffer ``[B, H, capacity, d]`` (fp32 or bf16 bits) into the
+    code rows ``[B, H, capacity, words]`` and, with ``use_blocks``, the code blocks, in place: the cache
+    append of a decode step in one call (see :func:`_encode_small_kernel`)."""
+    for b in range(keys.shape[0]):
+        for h in range(keys.shape[1]):
+            _encode_rows(keys, w, b, h, start, end - start, codes, start)
+            if use_blocks:
+                for t in range(start, end):
+                    _scatter_code(codes, b, h, t, t, blocks)
+
+
+@nb.njit(cache=True, fastmath={"contract"}, boundscheck=False)
+def _encode_rows(x, w, b, h, first, count, out, at):
+    """Codes of rows ``first..first+count`` of ``x[b, h]`` (fp32, or bf16 bits) under ``W[h]`` into
+    ``out[b, h, at..at+count]`` (see :func:`_encode_small_kernel`)."""
+    d = x.shape[3]
     r = w.shape[2]
     words = out.shape[3]
     acc = np.empty(r, np.float32)
-    for t in range(t_count):
+    for t in range(count):
         for j in range(r):
             acc[j] = 0.0
         for c in range(d):
-            xc = x[b, h, t, c]
+            xc = _elem(x, b, h, first + t, c)
             for j in range(r):  # indexed, not a view per row: views cost atomic refcounts
                 acc[j] += xc * w[h, c, j]
         for word in range(words):
@@ -784,7 +804,7 @@ def _encode_task(x, w, out, b, h):
             for j in range(min(64, r - 64 * word)):
                 if acc[64 * word + j] >= 0:
                     bits |= np.uint64(1) << np.uint64(j)
-            out[b, h, t, word] = bits
+            out[b, h, at + t, word] = bits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -817,6 +837,18 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+Rows = torch.Tensor | GrowableBuffer
+"""Per-token rows (K, V, codes, code blocks): a ``[B, H, n, F]`` tensor, or the cache buffer holding them."""
+
+
+def _rows(x: Rows) -> np.ndarray:
+    """The kernels' array of ``x``: its whole ``[B, H, capacity, F]`` storage (see :func:`rows_buffer`);
+    a :class:`GrowableBuffer`'s is made once per allocation, not every step."""
+    if isinstance(x, GrowableBuffer):
+        return x.derived("numba", _np)
+    return _np(rows_buffer(x))
+
+
 _DUMMY_MASK = np.ones((1, 1), dtype=np.bool_)
 
 
@@ -845,7 +877,7 @@ def _workspace(tasks: int, n: int) -> np.ndarray:
 _NO_BLOCKS = np.zeros((1, 1, 1, BLOCK_KEYS), np.uint8)
 
 
-def code_blocks_usable(key_codes: torch.Tensor, key_blocks: torch.Tensor | None, group: int) -> bool:
+def code_blocks_usable(key_codes: Rows, key_blocks: Rows | None, group: int) -> bool:
     """Whether :func:`hamming_topk` can scan ``key_blocks`` for these codes (else it reads the rows)."""
     if key_blocks is None or not FAST_SCAN or group > MAX_SCAN_GROUP or key_blocks.dtype != torch.uint8:
         return False
@@ -879,18 +911,21 @@ def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.
     return out
 
 
-def _topk_args(query_codes, key_codes, k, sink, recent, valid, key_blocks, return_scores):
+_NO_SCORES = np.empty((1, 1, 1), np.int32)
+
+
+def _topk_args(query_codes, key_codes: Rows, k, sink, recent, valid, key_blocks: Rows | None, return_scores):
     """The selection arguments of :func:`_select_task` (after ``task``): inputs, outputs, workspace."""
     b, h, n, _ = key_codes.shape
     k = min(k, n)
-    out = torch.empty(b, h, k, dtype=torch.int64)
-    scores = torch.empty(b, h, n if return_scores else 1, dtype=torch.int32)
+    out = np.empty((b, h, k), np.int64)
+    scores = np.empty((b, h, n), np.int32) if return_scores else _NO_SCORES
     valid_np, has_valid = _mask(valid)
     use_blocks = code_blocks_usable(key_codes, key_blocks, query_codes.shape[2])
-    blocks = _np(rows_buffer(key_blocks)) if use_blocks and key_blocks is not None else _NO_BLOCKS
+    blocks = _rows(key_blocks) if use_blocks and key_blocks is not None else _NO_BLOCKS
     args = (
-        _np(query_codes.contiguous()), _np(rows_buffer(key_codes)), blocks, use_blocks, n, k, sink, recent,
-        valid_np, has_valid, out.numpy(), scores.numpy(), return_scores, _workspace(b * h, n),
+        query_codes, _rows(key_codes), blocks, use_blocks, n, k, sink, recent, valid_np, has_valid, out,
+        scores, return_scores, _workspace(b * h, n),
     )  # fmt: skip
     return args, out, scores
 
@@ -909,23 +944,24 @@ def hamming_topk(
     the rows by the hash selection methods), is scanned when :func:`code_blocks_usable`."""
     with _LOCK:  # the workspace is shared
         args, out, scores = _topk_args(
-            query_codes, key_codes, k, sink, recent, valid, key_blocks, return_scores
+            _np(query_codes.contiguous()), key_codes, k, sink, recent, valid, key_blocks, return_scores
         )
         _hamming_topk_kernel(*args)
-    return (out, scores) if return_scores else out
+    out_t = torch.from_numpy(out)
+    return (out_t, torch.from_numpy(scores)) if return_scores else out_t
 
 
 SUPPORTED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _attention_args(query, keys, values, scale):
+def _attention_args(query: torch.Tensor, keys: Rows, values: Rows, scale: float | None):
     """Grouped fp32 query, the K/V row buffers, scale and the fp32 output ``[B, H_kv, G, dv]``."""
     b, h_q, d = query.shape
     h_kv = keys.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     grouped = group_queries(query, h_kv).float().contiguous()
     out = torch.empty(b, h_kv, h_q // h_kv, values.shape[-1], dtype=torch.float32)
-    args = (grouped.numpy(), _np(rows_buffer(keys)), _np(rows_buffer(values)), np.float32(scale))
+    args = (grouped.numpy(), _rows(keys), _rows(values), np.float32(scale))
     return args, out
 
 
@@ -952,15 +988,15 @@ def gather_attention(
 def hamming_topk_attention(
     query: torch.Tensor,
     w: torch.Tensor,
-    key_codes: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    key_codes: Rows,
+    keys: Rows,
+    values: Rows,
     k: int,
     sink: int = 0,
     recent: int = 1,
     valid: torch.Tensor | None = None,
     scale: float | None = None,
-    key_blocks: torch.Tensor | None = None,
+    key_blocks: Rows | None = None,
 ) -> torch.Tensor:
     """Encode the queries under ``W [H_kv, d, bits]``, :func:`hamming_topk`, then :func:`gather_attention`
     (``valid`` masks both) in one parallel region: each thread encodes, selects and attends for one
@@ -968,11 +1004,21 @@ def hamming_topk_attention(
     scan, and the query encode (a 4 x 128 x 128 product per KV head) is split over the threads too."""
     (q, k_rows, v_rows, scale_), out = _attention_args(query, keys, values, scale)
     b, h_kv, g, _ = q.shape
-    query_codes = torch.empty(b, h_kv, g, key_codes.shape[3], dtype=torch.int64)
+    query_codes = np.empty((b, h_kv, g, key_codes.shape[3]), np.uint64)
     with _LOCK:
         args, _, _ = _topk_args(query_codes, key_codes, k, sink, recent, valid, key_blocks, False)
         _topk_attention_kernel(*args, q, k_rows, v_rows, scale_, out.numpy(), w.float().contiguous().numpy())
     return out.reshape(query.shape[0], query.shape[1], values.shape[-1]).to(query.dtype)
+
+
+def append_codes(keys: GrowableBuffer, start: int, w: torch.Tensor, codes: GrowableBuffer,
+                 blocks: GrowableBuffer | None) -> None:  # fmt: skip
+    """Encode keys ``start..keys.length`` into ``codes`` (and ``blocks``), whose storage already has room,
+    in one kernel call (see :func:`_append_codes_kernel`)."""
+    _append_codes_kernel(
+        _rows(keys), w.float().contiguous().numpy(), start, keys.length, _rows(codes),
+        _rows(blocks) if blocks is not None else _NO_BLOCKS, blocks is not None,
+    )  # fmt: skip
 
 
 def pack_bits(projected: torch.Tensor) -> torch.Tensor:
@@ -984,11 +1030,6 @@ def pack_bits(projected: torch.Tensor) -> torch.Tensor:
         with _LOCK:
             _pack_kernel(flat.numpy(), out.numpy().view(np.uint64))
     return out.reshape(*projected.shape[:-1], out.shape[1])
-
-
-SMALL_ENCODE_ROWS = 64
-"""Up to this many rows per head (decode steps) the fused single-threaded kernel encodes; more rows
-(prefill) go through one batched matmul, the same as the reference, and the parallel packer."""
 
 
 def encode(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -43,17 +43,21 @@ class HashSelection(SelectionMethod):
         return cache.extra(self._blocks_name, width, torch.uint8, rows_per_token=1 / kernels.CODE_BLOCK_KEYS)
 
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
-        keys = cache.keys[:, :, start:]
-        w = self.projection(layer, keys.shape[1], keys.shape[3]).to(keys.device)
-        codes = kernels.encode(keys, w)
+        keys = cache.key_buffer
         rows = self._codes(cache)
-        rows.write(start, codes)
-        if kernels.code_blocks_wanted(codes):
-            blocks = self._code_blocks(cache)
-            needed = -(-rows.length // kernels.CODE_BLOCK_KEYS)
-            blocks.reserve(needed)
-            kernels.write_code_blocks(blocks.data, start, codes)
-            blocks.length = needed
+        if not 0 <= start <= rows.length:
+            raise IndexError(f"codes of keys from {start} would leave a gap after key {rows.length}")
+        end = keys.length
+        rows.reserve(end)
+        blocks = self._code_blocks(cache) if kernels.code_blocks_wanted(rows.data) else None
+        n_blocks = -(-end // kernels.CODE_BLOCK_KEYS)
+        if blocks is not None:
+            blocks.reserve(n_blocks)
+        w = self.projection(layer, keys.data.shape[1], keys.data.shape[3]).to(keys.data.device)
+        kernels.append_codes(keys, start, w, rows, blocks)
+        rows.length = max(rows.length, end)
+        if blocks is not None:
+            blocks.length = n_blocks
 
     def query_codes(self, query: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
         """Codes of decode queries ``[B, H_q, d]`` -> ``[B, H_kv, G, words]`` (head h uses KV head h // G)."""
@@ -87,13 +91,15 @@ class HashSelection(SelectionMethod):
     def attend(
         self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
     ) -> torch.Tensor:
-        """Encode + select + attend in one fused kernel where there is one (CPU)."""
-        key_codes, valid, blocks = self._key_inputs(cache)
-        b, h_kv, n, _ = key_codes.shape
-        w = self.projection(layer, h_kv, query.shape[2]).to(query.device)
+        """Encode + select + attend in one fused kernel where there is one (CPU). The cache's buffers go
+        to the kernel as they are (not views), so the CPU kernel reuses its handle on them every step."""
+        valid = cache.state.get(VALID_STATE)
+        codes = self._codes(cache)
+        blocks = cache.extras.get(self._blocks_name)
+        w = self.projection(layer, codes.data.shape[1], query.shape[2]).to(query.device)
         return kernels.hamming_topk_attention(
-            query, w, key_codes, cache.keys, cache.values, budget.tokens(n), budget.sink, budget.recent,
-            valid, scale, key_blocks=blocks,
+            query, w, codes, cache.key_buffer, cache.value_buffer, budget.tokens(codes.length), budget.sink,
+            budget.recent, valid if isinstance(valid, torch.Tensor) else None, scale, key_blocks=blocks,
         )  # fmt: skip
 
     def _key_inputs(self, cache: LayerCache):
