@@ -47,15 +47,15 @@ class HashSelection(SelectionMethod):
         rows = self._codes(cache)
         if not 0 <= start <= rows.length:
             raise IndexError(f"codes of keys from {start} would leave a gap after key {rows.length}")
-        end = keys.length
-        rows.reserve(end)
+        length = max(rows.length, keys.length)
+        rows.reserve(length)
         blocks = self._code_blocks(cache) if kernels.code_blocks_wanted(rows.data) else None
-        n_blocks = -(-end // kernels.CODE_BLOCK_KEYS)
+        n_blocks = -(-length // kernels.CODE_BLOCK_KEYS)
         if blocks is not None:
             blocks.reserve(n_blocks)
         w = self.projection(layer, keys.data.shape[1], keys.data.shape[3]).to(keys.data.device)
-        kernels.append_codes(keys, start, w, rows, blocks)
-        rows.length = max(rows.length, end)
+        kernels.append_codes(keys, start, w, rows, blocks)  # codes of keys start..keys.length
+        rows.length = length
         if blocks is not None:
             blocks.length = n_blocks
 
