@@ -114,4 +114,25 @@ def test_derived_is_kept_until_the_storage_is_replaced():
     grown = buf.derived("np", make)
     assert grown is not first and made[-1] is buf.data and grown[0, 0, 11, 0] == 1
     buf.data = buf.data.index_select(0, torch.tensor([0]))  # replaced from outside (a beam reorder)
+    assert not buf._derived  # dropped at once: the old storage is not kept alive
     assert buf.derived("np", make) is not grown and len(made) == 3
+
+
+def test_copies_make_their_own_derived_handles():
+    import copy
+
+    buf = GrowableBuffer(1, 1, 2, torch.float32, capacity=4)
+    buf.derived("np", lambda t: t.numpy())
+    for other in (copy.copy(buf), copy.deepcopy(buf)):
+        handle = other.derived("np", lambda t: t.numpy())
+        other.data[0, 0, 0, 0] = 7.0
+        assert handle[0, 0, 0, 0] == 7.0  # the copy's handle sees the copy's storage
+
+
+def test_make_room_refuses_gaps_and_grows():
+    buf = GrowableBuffer(1, 1, 2, torch.float32, capacity=4, step=4)
+    buf.append(torch.ones(1, 1, 3, 2))
+    with pytest.raises(IndexError):
+        buf.make_room(4, 5)
+    assert buf.make_room(2, 9) == 9 and buf.capacity >= 9 and buf.length == 3  # length is the writer's
+    assert buf.make_room(0, 1) == 3

@@ -386,13 +386,20 @@ def _keys_of(blocks, n):
 
 
 @pytest.mark.parametrize("bits", [32, 128])
-def test_hash_methods_keep_code_blocks_in_step_with_rows(bits):
+def test_hash_methods_keep_code_blocks_in_step_with_rows(bits, monkeypatch):
     """Prefill, then appends across block boundaries and a rewind (as the benchmark does): the block
     buffer always holds the row codes transposed, and selection through it equals the torch backend.
     32-bit codes fill half of their int64 word: the blocks hold the whole word (8 bytes per key)."""
     query, keys, values, _ = _data(2, 3, 2, 200, 16, bits, seed=9)
     if not kernels.code_blocks_wanted(keys):
         pytest.skip("code blocks are kept only where the AVX2 scan runs")
+    fused_appends = []
+    append_kernel = cpu.append_codes
+    monkeypatch.setattr(
+        cpu,
+        "append_codes",
+        lambda k, start, *a: (fused_appends.append(k.length - start), append_kernel(k, start, *a)),
+    )
     cache = LayerCache.empty(2, 3, 16, capacity=64)  # small: the buffers (blocks too) grow on the way
     cache.append(keys[:, :, :61], values[:, :, :61])
     method = SimHash(bits=bits)
@@ -419,6 +426,52 @@ def test_hash_methods_keep_code_blocks_in_step_with_rows(bits):
             torch.testing.assert_close(attended, method.attend(query, cache, 0, budget, 0.25))
     assert cache.extras["simhash_code_blocks"].reallocations >= 1
     assert cache.key_buffer.reallocations >= 1
+    assert fused_appends == [61, 1, 2, 1, 32, 33, 3]  # decode sizes: one kernel call; the 83 rows: encode
+
+
+def test_attend_after_the_buffers_are_replaced():
+    """A beam reorder assigns new storage to every buffer: the kernels' handles follow, and decoding on
+    equals decoding a cache built from the reordered keys."""
+    query, keys, values, _ = _data(3, 2, 2, 150, 16, 128, seed=6)
+    budget = Budget(30, sink=1, recent=2)
+    perm = torch.tensor([2, 0, 1])
+    cache = LayerCache.from_prefill(keys, values)
+    method = SimHash(bits=128)
+    method.prepare(cache, 0)
+    method.attend(query, cache, 0, budget, 0.25)  # the kernels take their handles
+    for buffer in (cache.key_buffer, cache.value_buffer, *cache.extras.values()):
+        buffer.data = buffer.data.index_select(0, perm)
+    fresh = LayerCache.from_prefill(keys[perm], values[perm])
+    method.prepare(fresh, 0)
+    new_k, new_v = keys[:, :, :1] + 1, values[:, :, :1]
+    for c in (cache, fresh):
+        method.on_append(c, 0, c.append(new_k, new_v))
+    got = method.attend(query, cache, 0, budget, 0.25)
+    torch.testing.assert_close(got, method.attend(query, fresh, 0, budget, 0.25), atol=0, rtol=0)
+    with kernels.use_backend("torch"):
+        torch.testing.assert_close(got, method.attend(query, cache, 0, budget, 0.25), atol=2e-5, rtol=2e-5)
+
+
+def test_append_codes_refuses_buffers_it_would_overrun():
+    from lmexec.hata.cache import GrowableBuffer
+
+    keys = GrowableBuffer(1, 2, 16, torch.float32, capacity=40)
+    keys.append(torch.randn(1, 2, 40, 16))
+    w = torch.randn(2, 16, 128)
+    codes = GrowableBuffer(1, 2, 2, torch.int64, capacity=40)
+    blocks = GrowableBuffer(1, 2, kernels.code_block_bytes(2), torch.uint8, capacity=2)
+    kernels.append_codes(keys, 0, w, codes, blocks)  # fits
+    for bad in (
+        dict(codes=GrowableBuffer(1, 2, 2, torch.int64, capacity=39)),
+        dict(blocks=GrowableBuffer(1, 2, kernels.code_block_bytes(2), torch.uint8, capacity=1)),
+        dict(blocks=GrowableBuffer(1, 2, 128, torch.uint8, capacity=2)),
+        dict(w=torch.randn(2, 16, 256)),
+        dict(w=torch.randn(3, 16, 128)),
+        dict(start=41),
+    ):
+        args = {"keys": keys, "start": 0, "w": w, "codes": codes, "blocks": blocks, **bad}
+        with pytest.raises(ValueError, match="append_codes"):
+            kernels.append_codes(**args)
 
 
 def test_append_codes_reads_bf16_keys_in_place():
@@ -433,9 +486,12 @@ def test_append_codes_reads_bf16_keys_in_place():
         method.on_append(cache, 0, start)
     w = method.projection(0, 2, 16)
     rows = method._codes(cache).view()
-    for start in range(0, 78, 7):  # each append encoded its own rows
-        stop = min(start + 7, 78)
+    starts = [0, *range(1, 79, 7)]  # the appends: 0..1, 1..8, 8..15, ..., 71..78
+    for start, stop in zip(starts, [*starts[1:], 78], strict=True):
         assert torch.equal(rows[:, :, start:stop], cpu.encode(keys[:, :, start:stop].float(), w))
+    if kernels.code_blocks_wanted(rows):
+        blocks = cache.extras["simhash_code_blocks"].view()
+        assert torch.equal(_keys_of(blocks, 78), rows.contiguous().view(torch.uint8))
 
 
 def test_exp_nonpositive_matches_numpy():

@@ -258,8 +258,10 @@ def run_methods(
     method (in alternating order), so a drift of the machine's speed during the case (this VM's streaming
     bandwidth drifts by up to 1.4x within minutes) moves every method alike and their ratios hold.
     Returns per method the wall and CPU milliseconds of each timed step."""
-    steppers = [_Stepper(cfg, case, name, budget) for name in names]
+    steppers: list[_Stepper] = []
     try:
+        for name in names:
+            steppers.append(_Stepper(cfg, case, name, budget))
         for stepper in steppers:
             stepper.reset()
         for _ in range(cfg.warmup):

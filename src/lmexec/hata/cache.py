@@ -77,12 +77,31 @@ class GrowableBuffer:
     ) -> None:
         self.step = max(1, step)
         self.want_huge_pages = huge_pages
+        self._derived: dict[str, tuple[torch.Tensor, object]] = {}
         self.data, self.huge_pages = _allocate(
             (batch, heads, max(1, capacity), features), dtype, device, huge_pages
         )
         self.length = 0
         self.reallocations = 0
-        self._derived: dict[str, tuple[torch.Tensor, object]] = {}
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The whole ``[B, H, capacity, F]`` storage (always contiguous)."""
+        return self._data
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """Replace the storage (growth, a beam reorder): handles :meth:`derived` made on the old one are
+        dropped at once, so they neither outlive it nor keep it alive."""
+        self._derived.clear()
+        self._data = value.contiguous()
+
+    def __getstate__(self) -> dict[str, object]:
+        """Copies (``copy``, ``deepcopy``, pickling) start without handles: a copied handle would point
+        at the original's storage, or at a detached copy of it, not at the copy's own."""
+        state = self.__dict__.copy()
+        state["_derived"] = {}
+        return state
 
     @property
     def capacity(self) -> int:
@@ -105,8 +124,8 @@ class GrowableBuffer:
         instead of rebuilding it from a fresh view every decode step: per step, the torch/numpy
         conversions cost more than the kernels at short contexts."""
         entry = self._derived.get(key)
-        if entry is None or entry[0] is not self.data:
-            entry = (self.data, make(self.data))
+        if entry is None or entry[0] is not self._data:
+            entry = (self._data, make(self._data))
             self._derived[key] = entry
         return entry[1]  # type: ignore[return-value]
 
@@ -121,18 +140,24 @@ class GrowableBuffer:
             (b, h, new_capacity, f), self.data.dtype, self.data.device, self.want_huge_pages
         )
         grown[:, :, : self.length] = self.data[:, :, : self.length]
-        self._derived.clear()  # they hold the old storage
         self.data = grown
         self.reallocations += 1
 
-    def write(self, start: int, rows: torch.Tensor) -> None:
-        """Write ``rows [B, H, T, F]`` at ``start`` (at most the current length) in place."""
+    def make_room(self, start: int, end: int) -> int:
+        """Check that rows ``start..end`` may be written (no gap after the current length), grow to hold
+        them, and return the length the buffer has once they are written (for writers that fill the
+        storage themselves, e.g. a kernel)."""
         if not 0 <= start <= self.length:
             raise IndexError(f"write at {start} would leave a gap after row {self.length}")
-        end = start + rows.shape[2]
         self.reserve(end)
+        return max(self.length, end)
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Write ``rows [B, H, T, F]`` at ``start`` (at most the current length) in place."""
+        end = start + rows.shape[2]
+        length = self.make_room(start, end)
         self.data[:, :, start:end] = rows
-        self.length = max(self.length, end)
+        self.length = length
 
     def append(self, rows: torch.Tensor) -> int:
         """Write ``rows [B, H, T, F]`` after the current end; return the start index."""

@@ -23,7 +23,9 @@ Semantics shared by all backends (tested equal to the reference):
   valid [B, N])`` -> ``[B, H_q, d]`` in the query dtype, fp32 math;
 * ``hamming_topk_attention(q, W, k codes, K, V, k_sel, sink, recent, valid, scale)``: ``encode`` of the
   grouped query, ``hamming_topk``, ``gather_attention`` with ``valid``: one fused kernel on CPU,
-  composed of the three elsewhere.
+  composed of the three elsewhere;
+* ``append_codes(K buffer, start, W, code buffer, block buffer)``: ``encode`` of keys ``start:`` written
+  into the code rows (and code blocks) of the cache: one kernel call on CPU at decode sizes.
 """
 
 from __future__ import annotations
@@ -254,17 +256,42 @@ def append_codes(
     blocks, see :func:`write_code_blocks`), whose storage the caller has grown to hold them: the cache
     append of a decode step, in one kernel call on CPU. Lengths are the caller's to set."""
     end = keys.length
+    _check_append(keys, start, w, codes, blocks)
     backend = backend_for(codes.data)
     if backend == "numba" and 0 < end - start <= SMALL_ENCODE_ROWS:
         from lmexec.hata.kernels import cpu
 
-        if keys.dtype in cpu.SUPPORTED_ATTENTION_DTYPES:
+        if keys.dtype in cpu.APPEND_KEY_DTYPES:
             cpu.append_codes(keys, start, w, codes, blocks)
             return
     new = encode(keys.data[:, :, start:end], w)
     codes.data[:, :, start:end] = new
     if blocks is not None:
         write_code_blocks(blocks.data, start, new)
+
+
+def _check_append(
+    keys: GrowableBuffer, start: int, w: torch.Tensor, codes: GrowableBuffer, blocks: GrowableBuffer | None
+) -> None:
+    """The append kernel writes unchecked: refuse shapes it would write out of bounds with."""
+    b, h, _, d = keys.data.shape
+    words = codes.data.shape[3]
+    problems = []
+    if not 0 <= start <= keys.length <= codes.capacity:
+        problems.append(f"keys {start}..{keys.length} do not fit codes of capacity {codes.capacity}")
+    if tuple(codes.data.shape[:2]) != (b, h) or w.dim() != 3 or tuple(w.shape[:2]) != (h, d):
+        problems.append(f"codes {list(codes.data.shape)} or W {list(w.shape)} do not match keys {[b, h, d]}")
+    elif not 0 < w.shape[2] <= 64 * words:
+        problems.append(f"{w.shape[2]}-bit W does not fit {words} code words")
+    if blocks is not None and (
+        tuple(blocks.data.shape[:2]) != (b, h)
+        or blocks.data.shape[3] != code_block_bytes(words)
+        or blocks.capacity * CODE_BLOCK_KEYS < keys.length
+        or blocks.dtype != torch.uint8
+    ):
+        problems.append(f"code blocks {list(blocks.data.shape)} cannot hold {keys.length} keys' codes")
+    if problems:
+        raise ValueError("append_codes: " + "; ".join(problems))
 
 
 def _tensor(x: Rows) -> torch.Tensor:

@@ -24,7 +24,9 @@ and bit packing for encode.
 * :func:`pack_bits`: ``projection >= 0`` packed 64 bits per word, LSB first (bit order version 1).
 
 Threading: see :func:`lmexec.hata.kernels.select_threading_layer` (OpenMP shared with torch, else
-``workqueue``). ``workqueue`` must not be entered from two threads at once, so the wrappers hold a lock.
+``workqueue``). ``workqueue`` must not be entered from two threads at once, so the wrappers of the
+parallel kernels (and of the top-k, whose workspace is shared) hold a lock; the single-threaded encode
+and append kernels need none.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from numba.extending import intrinsic, overload
 
 from lmexec.hata.attention import group_queries
 from lmexec.hata.cache import GrowableBuffer
-from lmexec.hata.kernels import CODE_BLOCK_KEYS, SMALL_ENCODE_ROWS, code_block_bytes, select_threading_layer
+from lmexec.hata.kernels import (
+    CODE_BLOCK_KEYS,
+    SMALL_ENCODE_ROWS,
+    Rows,
+    code_block_bytes,
+    select_threading_layer,
+)
 
 PREFETCH_DISTANCE = 8
 _FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
@@ -837,10 +845,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-Rows = torch.Tensor | GrowableBuffer
-"""Per-token rows (K, V, codes, code blocks): a ``[B, H, n, F]`` tensor, or the cache buffer holding them."""
-
-
 def _rows(x: Rows) -> np.ndarray:
     """The kernels' array of ``x``: its whole ``[B, H, capacity, F]`` storage (see :func:`rows_buffer`);
     a :class:`GrowableBuffer`'s is made once per allocation, not every step."""
@@ -952,6 +956,8 @@ def hamming_topk(
 
 
 SUPPORTED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+APPEND_KEY_DTYPES = (torch.float32, torch.bfloat16)
+"""K buffer dtypes :func:`append_codes` reads in place (bf16 widened in registers)."""
 
 
 def _attention_args(query: torch.Tensor, keys: Rows, values: Rows, scale: float | None):

@@ -45,10 +45,7 @@ class HashSelection(SelectionMethod):
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:
         keys = cache.key_buffer
         rows = self._codes(cache)
-        if not 0 <= start <= rows.length:
-            raise IndexError(f"codes of keys from {start} would leave a gap after key {rows.length}")
-        length = max(rows.length, keys.length)
-        rows.reserve(length)
+        length = rows.make_room(start, keys.length)
         blocks = self._code_blocks(cache) if kernels.code_blocks_wanted(rows.data) else None
         n_blocks = -(-length // kernels.CODE_BLOCK_KEYS)
         if blocks is not None:
