@@ -868,8 +868,8 @@ _WORKSPACE = np.empty(0, np.int32)
 def _workspace(tasks: int, n: int) -> np.ndarray:
     """Scratch ``[tasks, 4, n rounded up to whole blocks]`` int32 (ranks of the row path or the block
     path's listed ranks, kept positions, their ranks, listed block ids and masks), reused across calls
-    (callers hold the lock). A fresh buffer per call would be a fresh ``mmap``: at 128K keys its page faults cost about as much as the selection itself (measured 1.5 ms
-    of 4 ms single-threaded)."""
+    (callers hold the lock). A fresh buffer per call would be a fresh ``mmap``: at 128K keys its page
+    faults cost about as much as the selection itself (measured 1.5 ms of 4 ms single-threaded)."""
     global _WORKSPACE
     n = -(-n // BLOCK_KEYS) * BLOCK_KEYS
     need = tasks * 4 * n
@@ -956,8 +956,9 @@ def hamming_topk(
 
 
 SUPPORTED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
-APPEND_KEY_DTYPES = (torch.float32, torch.bfloat16)
-"""K buffer dtypes :func:`append_codes` reads in place (bf16 widened in registers)."""
+APPEND_KEY_DTYPES = SUPPORTED_ATTENTION_DTYPES
+"""K buffer dtypes :func:`append_codes` reads in place: the same rows ``_elem`` reads for the gather
+(bf16 widened in registers)."""
 
 
 def _attention_args(query: torch.Tensor, keys: Rows, values: Rows, scale: float | None):

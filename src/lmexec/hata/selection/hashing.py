@@ -78,35 +78,36 @@ class HashSelection(SelectionMethod):
         earlier key and indices come in position order."""
         if scores is not None:
             return super().select(query, cache, layer, budget, scores)
-        key_codes, valid, blocks = self._key_inputs(cache)
+        codes, valid, blocks = self._key_inputs(cache)
+        key_codes = codes.view()
         query_codes = self.query_codes(query, layer, key_codes.shape[1])
         n = key_codes.shape[2]
         return kernels.hamming_topk(
-            query_codes, key_codes, budget.tokens(n), budget.sink, budget.recent, valid, key_blocks=blocks
-        )
+            query_codes, key_codes, budget.tokens(n), budget.sink, budget.recent, valid,
+            key_blocks=blocks.view() if blocks is not None else None,
+        )  # fmt: skip
 
     def attend(
         self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
     ) -> torch.Tensor:
         """Encode + select + attend in one fused kernel where there is one (CPU). The cache's buffers go
         to the kernel as they are (not views), so the CPU kernel reuses its handle on them every step."""
-        valid = cache.state.get(VALID_STATE)
-        codes = self._codes(cache)
-        blocks = cache.extras.get(self._blocks_name)
+        codes, valid, blocks = self._key_inputs(cache)
         w = self.projection(layer, codes.data.shape[1], query.shape[2]).to(query.device)
         return kernels.hamming_topk_attention(
             query, w, codes, cache.key_buffer, cache.value_buffer, budget.tokens(codes.length), budget.sink,
-            budget.recent, valid if isinstance(valid, torch.Tensor) else None, scale, key_blocks=blocks,
+            budget.recent, valid, scale, key_blocks=blocks,
         )  # fmt: skip
 
-    def _key_inputs(self, cache: LayerCache):
-        """Key codes, the validity mask (padding) and the code blocks (None where absent)."""
+    def _key_inputs(
+        self, cache: LayerCache
+    ) -> tuple[GrowableBuffer, torch.Tensor | None, GrowableBuffer | None]:
+        """The key code buffer, the validity mask (padding) and the code block buffer (None where absent)."""
         valid = cache.state.get(VALID_STATE)
-        blocks = cache.extras.get(self._blocks_name)  # absent where blocks are not kept
         return (
-            self._codes(cache).view(),
+            self._codes(cache),
             valid if isinstance(valid, torch.Tensor) else None,
-            blocks.view() if blocks is not None else None,
+            cache.extras.get(self._blocks_name),  # absent where blocks are not kept
         )
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
