@@ -88,3 +88,10 @@ def test_malformed_json_file_is_one_line(capsys, tmp_path):
     path.write_text('{"devices": 2, "blocks": [{"name": "a", "duration": -1, "devices": [0]}]}')
     code, _, err = run(capsys, "tessel", "show", "-p", str(path))
     assert code == 2 and "non-positive duration" in err and err.count("\n") == 1
+
+
+def test_schedule_file_without_a_key_names_it(capsys, tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text('{"micro_batches": 2, "tasks": []}')
+    code, _, err = run(capsys, "tessel", "validate", str(path))
+    assert code == 2 and "missing the key 'placement'" in err and err.count("\n") == 1

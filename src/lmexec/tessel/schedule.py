@@ -222,7 +222,9 @@ class Schedule:
             repetend = tuple(data["repetend"]) if data.get("repetend") else None
             return cls(placement, int(data["micro_batches"]), tasks, data.get("name", ""), repetend,
                        dict(data.get("info") or {}))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as error:
+        except KeyError as error:
+            raise UserError(f"schedule JSON is missing the key {error.args[0]!r}") from None
+        except (TypeError, ValueError) as error:
             raise UserError(f"schedule JSON is malformed: {error}") from None
 
     @classmethod
