@@ -45,3 +45,15 @@ def test_help_lists_fidelity(capsys):
         main(["hata", "--help"])
     assert exit_info.value.code == 0
     assert "fidelity" in capsys.readouterr().out
+
+
+def test_tokens_past_the_position_table_are_refused():
+    from types import SimpleNamespace
+
+    from lmexec.errors import UserError
+    from lmexec.hata.models import check_positions
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    check_positions(model, 8192, "--context")
+    with pytest.raises(UserError, match="--context 8193 exceeds the model's 8192 positions"):
+        check_positions(model, 8193, "--context")

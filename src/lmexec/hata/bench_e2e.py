@@ -86,7 +86,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
     import lmexec.hata as hata_pkg
     from lmexec.hata.hf.cache import HataCache, HataSettings
     from lmexec.hata.hf.enable import default_weights_file
-    from lmexec.hata.models import load_model
+    from lmexec.hata.models import check_positions, load_model
     from lmexec.hata.selection import Dense
     from lmexec.hata.texts import token_block
 
@@ -95,6 +95,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
     load_start = load_average()
     note(f"loading {cfg.model}")
     model, tokenizer = load_model(cfg.model)
+    check_positions(model, cfg.context + cfg.new_tokens, "--context + --new-tokens")
     method = cfg.method
     if method == "hata" and default_weights_file(model, cfg.bits) is None:
         method = "simhash"

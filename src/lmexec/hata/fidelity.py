@@ -189,7 +189,7 @@ def run_fidelity(
 ) -> dict[str, Any]:
     """Run the experiment and return a JSON-ready result (see docs/hata.md for the keys)."""
     from lmexec.hata.capture import capture
-    from lmexec.hata.models import load_model
+    from lmexec.hata.models import check_positions, load_model
 
     config.validate()
     timings: dict[str, float] = {}
@@ -198,10 +198,7 @@ def run_fidelity(
     cfg = model.config
     n_layers, h_q, h_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // h_q
-    if config.context > cfg.max_position_embeddings:
-        raise UserError(
-            f"--context {config.context} exceeds the model's {cfg.max_position_embeddings} positions"
-        )
+    check_positions(model, config.context, "--context")
     if config.dense_layers >= n_layers:
         raise UserError(f"--dense-layers {config.dense_layers} leaves no sparse layer of {n_layers}")
     layers = list(range(config.dense_layers, n_layers))

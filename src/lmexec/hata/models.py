@@ -104,3 +104,10 @@ def load_model(name_or_path: str, dtype: Any = None, attn_implementation: str = 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def check_positions(model: Any, tokens: int, what: str = "context") -> None:
+    """Refuse ``tokens`` beyond the model's position table: past it RoPE models decode garbage silently."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and tokens > limit:
+        raise UserError(f"{what} {tokens} exceeds the model's {limit} positions")

@@ -120,7 +120,7 @@ def run_eval(config: EvalConfig, progress: Progress | None = None) -> dict[str, 
     """Run every task x context x sample x (method, budget); return rows, per-sample records, timings."""
     from lmexec.hata.hf.attention import register
     from lmexec.hata.hf.enable import make_method, model_shape
-    from lmexec.hata.models import load_model
+    from lmexec.hata.models import check_positions, load_model
 
     config.validate()
     torch.set_num_threads(config.threads)
@@ -143,10 +143,8 @@ def run_eval(config: EvalConfig, progress: Progress | None = None) -> dict[str, 
     if "dense" not in methods:
         methods["dense"] = Dense()
     model.set_attn_implementation(register())
-    limit = getattr(model.config, "max_position_embeddings", None)
     for context in config.contexts:
-        if limit and context > limit:
-            raise UserError(f"context {context} exceeds the model's {limit} positions")
+        check_positions(model, context)
     variants = _variants(config)
     records: list[dict[str, Any]] = []
     prefill_s = 0.0

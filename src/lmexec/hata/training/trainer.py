@@ -218,7 +218,7 @@ def validation_data(
 
 def train(config: TrainConfig, out: str | Path, hooks: Hooks | None = None) -> TrainResult:
     """Train every sparse layer of ``config.model`` and write the weights file ``out``."""
-    from lmexec.hata.models import load_model
+    from lmexec.hata.models import check_positions, load_model
 
     hooks = hooks or Hooks()
     config.validate()
@@ -231,8 +231,8 @@ def train(config: TrainConfig, out: str | Path, hooks: Hooks | None = None) -> T
         n_layers = cfg.num_hidden_layers
         if config.dense_layers >= n_layers:
             raise UserError(f"--dense-layers {config.dense_layers} leaves no sparse layer of {n_layers}")
-        if max(config.context, config.val_context) > cfg.max_position_embeddings:
-            raise UserError(f"contexts must be at most the model's {cfg.max_position_embeddings} positions")
+        check_positions(model, config.context, "--context")
+        check_positions(model, config.val_context, "--val-context")
         load_s = time.perf_counter() - t0
 
         def capture(todo: list[int]) -> tuple[dict[int, LayerData], dict[int, LayerData]]:
