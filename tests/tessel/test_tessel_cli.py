@@ -95,3 +95,57 @@ def test_schedule_file_without_a_key_names_it(capsys, tmp_path):
     path.write_text('{"micro_batches": 2, "tasks": []}')
     code, _, err = run(capsys, "tessel", "validate", str(path))
     assert code == 2 and "missing the key 'placement'" in err and err.count("\n") == 1
+
+
+def test_validate_reads_the_one_schedule_of_a_baseline_report(capsys, tmp_path):
+    report = tmp_path / "report.json"
+    assert (
+        run(
+            capsys,
+            "tessel",
+            "baseline",
+            "-p",
+            "vshape",
+            "-d",
+            "4",
+            "-n",
+            "4",
+            "-s",
+            "1f1b",
+            "--json",
+            str(report),
+        )[0]
+        == 0
+    )
+    code, out, _ = run(capsys, "tessel", "validate", str(report))
+    assert code == 0 and out.startswith("valid")
+
+
+def test_validate_explains_reports_it_cannot_read(capsys, tmp_path):
+    both = tmp_path / "both.json"
+    assert (
+        run(
+            capsys,
+            "tessel",
+            "baseline",
+            "-p",
+            "vshape",
+            "-d",
+            "4",
+            "-n",
+            "4",
+            "-s",
+            "all",
+            "--json",
+            str(both),
+        )[0]
+        == 0
+    )
+    code, _, err = run(capsys, "tessel", "validate", str(both))
+    assert code == 2 and "report of 2 schedules (gpipe, 1f1b)" in err and "--save" in err
+    searched = tmp_path / "search.json"
+    assert (
+        run(capsys, "tessel", "search", "-p", "vshape", "-d", "2", "-n", "4", "--json", str(searched))[0] == 0
+    )
+    code, _, err = run(capsys, "tessel", "validate", str(searched))
+    assert code == 2 and "search --json report" in err and err.count("\n") == 1

@@ -229,8 +229,12 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
+        """Read a schedule file (``--save``), or the one schedule of a ``baseline --json`` report."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
+            if isinstance(data, dict) and "tasks" not in data:
+                data = _only_schedule_of_report(path, data)
+            return cls.from_dict(data)
         except OSError as error:
             raise UserError(f"cannot read schedule file {path}: {error.strerror}") from None
         except json.JSONDecodeError as error:
@@ -294,3 +298,20 @@ def orders_from_sequence(placement: Placement, sequence: Iterable[tuple[str, int
         for d in placement.block(key[0]).devices:
             orders[d].append(key)
     return orders
+
+
+def _only_schedule_of_report(path: str | Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A ``--json`` report in place of a schedule file: its single schedule, or an error that says how to get one."""
+    schedules = data.get("schedules")
+    if isinstance(schedules, dict) and len(schedules) == 1:
+        return next(iter(schedules.values()))
+    if isinstance(schedules, dict) and schedules:
+        raise UserError(
+            f"{path} is a --json report of {len(schedules)} schedules ({', '.join(schedules)}): "
+            "write the one to check with --save"
+        )
+    if "search" in data:
+        raise UserError(
+            f"{path} is a search --json report (figures, no tasks): write the schedule with --save"
+        )
+    return data
