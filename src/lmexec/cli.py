@@ -9,9 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lmexec import __version__
 from lmexec.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line ``error:`` as a UserError (its usage block buried the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmexec.hata import cli as hata_cli
     from lmexec.tessel import cli as tessel_cli
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmexec",
         description="Run large DNN models fast: Tessel schedule search and HATA sparse attention.",
     )

@@ -293,3 +293,21 @@ def test_fused_attend_equals_the_select_then_gather_path():
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for fused, separate in zip(runs[0].logits, runs[1].logits, strict=True):
         torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_a_weights_file_must_match_the_asked_bits_and_the_model(tmp_path):
+    from lmexec.hata.weights import model_signature, save_hash_weights
+
+    model = tiny()
+    w64 = {i: random_projection(2, 16, 64, i) for i in range(4)}
+    path = save_hash_weights(tmp_path / "w64.safetensors", w64, 4)
+    assert enable(model, weights=path).method.bits == 64  # no bits asked: the file's own width
+    with pytest.raises(UserError, match="hold 64-bit codes, but 128 bits were asked for"):
+        enable(model, weights=path, bits=128)
+    other = tiny(layers=4, seed=1)
+    other.config.rope_theta = 1234.0
+    foreign = save_hash_weights(
+        tmp_path / "foreign.safetensors", w64, 4, extra={"model_config": model_signature(other.config)}
+    )
+    with pytest.raises(UserError, match="trained for another model"):
+        enable(model, weights=foreign)

@@ -22,7 +22,7 @@ def test_mismatch_and_corruption_are_clear(tmp_path):
         load_hash_weights(path, 30, 4, 64)
     with pytest.raises(UserError, match="n_layers=30, but the model has n_layers=24"):
         load_hash_weights(path, 24, 3, 64)
-    with pytest.raises(UserError, match="bits=64, but the model has bits=128"):
+    with pytest.raises(UserError, match="hold 64-bit codes, but 128 bits were asked for"):
         load_hash_weights(path, 30, 3, 64, bits=128)
     with pytest.raises(UserError, match="does not exist"):
         load_hash_weights(tmp_path / "missing.safetensors", 30, 3, 64)

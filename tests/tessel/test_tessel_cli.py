@@ -149,3 +149,20 @@ def test_validate_explains_reports_it_cannot_read(capsys, tmp_path):
     )
     code, _, err = run(capsys, "tessel", "validate", str(searched))
     assert code == 2 and "search --json report" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tessel", "baseline", "-p", "vshape", "-n", "0"], "expected a positive integer, got 0"),
+        (["tessel", "search", "-p", "vshape", "-n", "0"], "expected a positive integer, got 0"),
+        (["tessel", "search", "-p", "vshape", "--workers", "0"], "expected a positive integer, got 0"),
+        (["hata", "bench", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_too(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "--help" in err
+    assert err.count("\n") == 1 and "usage:" not in err

@@ -118,8 +118,11 @@ def load_hash_weights(
             f"{path} is not an lmexec HATA weights file (metadata format={metadata.get('format')!r})"
         )
     expected = {"n_layers": n_layers, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
-    if bits is not None:
-        expected["bits"] = check_bits(bits)
+    if bits is not None and metadata.get("bits") != str(check_bits(bits)):
+        raise UserError(
+            f"hash weights {path} hold {metadata.get('bits')}-bit codes, but {bits} bits were asked for: "
+            "pass the file's bit width (--bits)"
+        )
     for key, value in expected.items():
         if metadata.get(key) != str(value):
             raise UserError(

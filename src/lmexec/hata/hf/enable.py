@@ -24,6 +24,8 @@ from lmexec.hata.hf.attention import register
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.selection import METHODS, Hata, SelectionMethod, SimHash
 
+DEFAULT_BITS = 128  # the paper's code width, and the shipped weights'
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 """``config.model_type`` values whose attention layers follow the q/k/v -> RoPE -> cache -> interface path."""
 
@@ -58,7 +60,7 @@ def model_shape(model: Any) -> ModelShape:
     return ModelShape(family, config.num_hidden_layers, n_heads, n_kv, head_dim)
 
 
-def default_weights_file(model: Any, bits: int = 128) -> Path | None:
+def default_weights_file(model: Any, bits: int = DEFAULT_BITS) -> Path | None:
     """The learned projections shipped for this model (``hata/data/<name>-<bits>.safetensors``), if any."""
     name = Path(str(getattr(model.config, "name_or_path", "") or "")).name.lower()
     for candidate in (name, "smollm2" if "smollm2" in name else ""):
@@ -74,10 +76,13 @@ def make_method(
     shape: ModelShape,
     dense_layers: int,
     weights: str | Path | dict[int, torch.Tensor] | None = None,
-    bits: int = 128,
+    bits: int | None = None,
     model: Any = None,
 ) -> SelectionMethod:
-    """A selection method instance by name (``hata`` loads and checks its weights)."""
+    """A selection method instance by name (``hata`` loads and checks its weights).
+
+    ``bits`` (default 128) is SimHash's width and picks the shipped file; a weights file given with
+    explicit ``bits`` must hold that width, and without them its own width is used."""
     if isinstance(method, SelectionMethod):
         if weights is not None:
             raise UserError("pass weights inside the method instance, not beside it")
@@ -87,18 +92,22 @@ def make_method(
     if method != "hata":
         if weights is not None:
             raise UserError(f"weights only apply to method 'hata', not {method!r}")
-        return SimHash(bits=bits) if method == "simhash" else METHODS[method]()
+        return SimHash(bits=bits or DEFAULT_BITS) if method == "simhash" else METHODS[method]()
     if weights is None:
-        weights = default_weights_file(model, bits) if model is not None else None
+        weights = default_weights_file(model, bits or DEFAULT_BITS) if model is not None else None
         if weights is None:
             raise UserError(
                 "method 'hata' needs learned hash weights: pass weights=FILE (from `lmexec hata train`) "
                 "or use method='simhash'"
             )
     if isinstance(weights, str | Path):
-        from lmexec.hata.weights import load_hash_weights
+        from lmexec.hata.weights import load_for_model, load_hash_weights
 
-        weights = load_hash_weights(weights, shape.n_layers, shape.n_kv_heads, shape.head_dim)
+        weights = (  # a file for another model or bit width is refused, never silently used
+            load_for_model(weights, model.config, bits)
+            if model is not None
+            else load_hash_weights(weights, shape.n_layers, shape.n_kv_heads, shape.head_dim, bits)
+        )
     if not isinstance(weights, dict):
         raise UserError(f"weights must be a file path or {{layer: tensor}}, got {type(weights).__name__}")
     hata = Hata(dict(weights))
@@ -164,7 +173,7 @@ def enable(
     method: str | SelectionMethod = "hata",
     sink: int = 0,
     recent: int = 1,
-    bits: int = 128,
+    bits: int | None = None,
     capacity: int = 0,
     record_recall: bool = False,
 ) -> HataHandle:
@@ -173,7 +182,8 @@ def enable(
     ``budget`` is a ratio of the context (< 1) or a token count (>= 1); ``sink``/``recent`` tokens are
     always attended and count inside it. The first ``dense_layers`` layers stay dense. ``weights`` (a
     file from ``lmexec hata train`` or ``{layer: W [H_kv, d, bits]}``) is for ``method='hata'``;
-    without it the file shipped for the model is used (SmolLM2). Returns a :class:`HataHandle`; pass
+    without it the file shipped for the model is used (SmolLM2). ``bits`` (default 128) is the code
+    width of ``simhash`` and of the shipped file; a weights file must hold it when it is given. Returns a :class:`HataHandle`; pass
     ``handle.cache()`` to ``generate`` as ``cache=`` (or ``past_key_values=``).
     """
     shape = model_shape(model)

@@ -5,7 +5,7 @@ positions; a query at position ``t`` is paired with keys ``0..t`` (causal). Pair
 materialised: the loss works on ``[P, T]`` label matrices (0 outside the causal window), which holds
 the same information as the reference's pair lists with far less memory.
 
-Labels follow the paper (section 4.1 of docs/hata.md): per query head, the top ``top_frac`` of its
+Labels follow the paper (docs/hata.md, Training -> Data): per query head, the top ``top_frac`` of its
 causal keys by raw ``q.k`` get ordinal weights falling linearly from 20 (best) to 1, every other
 causal key gets -1.
 """

@@ -9,7 +9,7 @@ and a single-process run start from bit-identical weights (the correctness tests
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -168,6 +168,3 @@ def synthetic_batch(
     stride = torch.randint(1, 8, (batch, 1), generator=g)
     seq = (start + stride * torch.arange(cfg.seq_len + 1)) % cfg.vocab
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
-
-StageFactory = Callable[[], list[nn.Module]]

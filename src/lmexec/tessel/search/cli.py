@@ -13,16 +13,16 @@ from lmexec.tessel.search.driver import SearchResult, search
 
 def register_search(sub: argparse._SubParsersAction) -> None:
     """Add the ``search`` subcommand to ``lmexec tessel``."""
-    from lmexec.tessel.cli import add_placement_args
+    from lmexec.tessel.cli import add_placement_args, positive_int
 
     p = sub.add_parser("search", help="search a repetend schedule (modulo scheduling) and complete it for N")
     add_placement_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=int, default=None, help="micro-batches (default 4 x devices)"
+        "--micro-batches", "-n", type=positive_int, default=None, help="micro-batches (default 4 x devices)"
     )
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds for the whole search (default 30)")
     p.add_argument("--solver", choices=["cpsat", "z3"], default="cpsat", help="repetend solver")
-    p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="CP-SAT worker threads (default 2)")
     p.add_argument("--json", help="write the result and the baselines' figures as JSON")
     p.add_argument("--png", help="Gantt chart of the schedule")
     p.add_argument("--trace", help="Chrome trace / Perfetto JSON of the schedule")

@@ -28,9 +28,9 @@ from lmexec.tessel.search.window import ALL, solve_window
 LINEAR_STEPS = 4
 CANDIDATE_SHARE = 0.3  # of the time left, at most, for one period candidate
 CANDIDATE_MIN = 0.5  # seconds
-SPAN_SHARE = 0.15
+SPAN_SHARE = 0.15  # of the time limit, at most, to minimise the final repetend's span
 COMPLETION_SHARE = 0.1  # of the time limit for the warm-up/cool-down solves (they stop early when optimal)
-COMPLETION_MIN = 1.0  # of the time limit, at most, to minimise the final repetend's span
+COMPLETION_MIN = 1.0  # seconds, at least, for those solves (when that much time is left)
 GREEDY_SHARE = 0.05  # of the repetend time, at most, for the greedy upper bound
 GREEDY_MAX = 1.0
 WARM_FIRST_BLOCKS = 30  # from this many blocks on, an unsettled plain try switches to warm starts first
