@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,8 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-# Wide enough for tables when output goes to a file or pipe (rich would assume 80 columns).
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+# Wide enough for tables when output goes to a file or pipe (rich would assume 80 columns). No markup:
+# printed text holds user names and values ("layer[x]", "[nan, nan]") that rich would eat as tags.
+console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 140)
 
 
 def _jsonable(value: Any) -> Any:
@@ -29,6 +32,33 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return value.item()
     return value
+
+
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def output_path(text: str) -> str:
+    """argparse type of an output file: refused up front (not after a long run) when it cannot be written."""
+    if not text:
+        raise argparse.ArgumentTypeError("an output path must not be empty")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {ancestor} is not a writable folder")
+    return text
+
+
+def picture_path(text: str) -> str:
+    """:func:`output_path` whose suffix names a picture format matplotlib writes."""
+    if Path(text).suffix.lower() not in PICTURE_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"a picture path ends in {', '.join(PICTURE_SUFFIXES)}, got {text!r}"
+        )
+    return output_path(text)
 
 
 def write_json(path: str | Path, payload: Any) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmexec.reporting import output_path, picture_path
+
 
 def _ints(text: str) -> tuple[int, ...]:
     from lmexec.errors import UserError
@@ -59,8 +61,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="back the K/V buffers with 2 MiB pages via madvise (default: on)",
     )
-    bench.add_argument("--json", default=None, help="write the full result here")
-    bench.add_argument("--png", default=None, help="plot latency vs context here")
+    bench.add_argument("--json", type=output_path, default=None, help="write the full result here")
+    bench.add_argument("--png", type=picture_path, default=None, help="plot latency vs context here")
     bench.set_defaults(handler=_bench)
 
     e2e = sub.add_parser(
@@ -80,7 +82,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     )
     e2e.add_argument("--method", default="hata", help="sparse method (default: hata, shipped weights)")
     e2e.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    e2e.add_argument("--json", default=None, help="write the result here")
+    e2e.add_argument("--json", type=output_path, default=None, help="write the result here")
     e2e.set_defaults(handler=_bench_e2e)
 
 
@@ -110,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
         huge_pages=args.huge_pages,
     )
     cfg.validate()
-    result = run_bench(cfg, lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    result = run_bench(cfg, lambda msg: console.print(msg, style="dim"))
     m = result["machine"]
     print_table(
         f"HATA decode, one layer: {cfg.heads}/{cfg.kv_heads} heads, d={cfg.head_dim}, {cfg.bits}-bit codes, "
@@ -182,7 +184,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     cfg.validate()
-    result = run_e2e(cfg, lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    result = run_e2e(cfg, lambda msg: console.print(msg, style="dim"))
     print_table(
         f"{cfg.model} generate(), context {cfg.context}, {cfg.new_tokens} new tokens, budget {args.budget}, "
         f"bandwidth {result['bandwidth_gbs']:.1f} GB/s, load {result['load_average']}",

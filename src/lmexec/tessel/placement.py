@@ -35,7 +35,7 @@ def _per_device(value: Any, num_devices: int, what: str, default: float) -> tupl
     if isinstance(value, bool):
         raise UserError(f"{what} must be a number or a list of {num_devices} numbers, got {value!r}")
     if isinstance(value, int | float):
-        return (float(value),) * num_devices
+        return (_amount(value, what),) * num_devices
     if isinstance(value, list | tuple):
         if len(value) != num_devices:
             raise UserError(f"{what} lists {len(value)} values but the placement has {num_devices} devices")
@@ -44,11 +44,21 @@ def _per_device(value: Any, num_devices: int, what: str, default: float) -> tupl
             if item is None:
                 out.append(default)
             elif isinstance(item, int | float) and not isinstance(item, bool):
-                out.append(float(item))
+                out.append(_amount(item, what))
             else:
                 raise UserError(f"{what} must hold numbers, got {item!r}")
         return tuple(out)
     raise UserError(f"{what} must be a number or a list of {num_devices} numbers, got {value!r}")
+
+
+def _amount(value: float, what: str) -> float:
+    """A memory amount: NaN would switch every comparison off (a limit that never binds), so it is refused;
+    static memory must be finite and >= 0, a capacity may be inf (unlimited)."""
+    value = float(value)
+    if math.isnan(value) or (what == "static_memory" and not 0 <= value < math.inf):
+        kind = "a finite number >= 0" if what == "static_memory" else "a number (inf or null: unlimited)"
+        raise UserError(f"{what} must be {kind}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,13 @@ class Placement:
         if not isinstance(self.num_devices, int) or self.num_devices < 1:
             raise UserError(f"placement {self.name!r}: device count must be a positive integer")
         object.__setattr__(
-            self, "capacity", _per_device(self.capacity or None, self.num_devices, "capacity", math.inf)
+            self, "capacity", _per_device(None if self.capacity == () else self.capacity, self.num_devices, "capacity", math.inf)
         )
         object.__setattr__(
             self,
             "static_memory",
-            _per_device(self.static_memory or None, self.num_devices, "static_memory", 0.0),
+            _per_device(None if self.static_memory == () else self.static_memory, self.num_devices,
+                        "static_memory", 0.0),  # fmt: skip
         )
         self._validate()
 
@@ -297,6 +308,8 @@ class Placement:
             text = path.read_text()
         except OSError as error:
             raise UserError(f"cannot read placement file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"placement file {path} is not a JSON text file") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:

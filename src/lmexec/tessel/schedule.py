@@ -120,6 +120,14 @@ class Schedule:
             profile.append((time, level))
         return profile
 
+    def checked_part(self) -> Schedule:
+        """This schedule without the tasks :meth:`validate` cannot place (unknown block, start not finite),
+        so an invalid file still gets figures for the rest."""
+        kept = [t for t in self.tasks if t.block in self.placement.index and math.isfinite(t.start)]
+        if len(kept) == len(self.tasks):
+            return self
+        return Schedule(self.placement, self.num_micro_batches, kept, self.name, self.repetend, dict(self.info))
+
     # ---- checks ----------------------------------------------------------------------------
     def validate(self) -> list[Violation]:
         """All violations (empty when the schedule is valid)."""
@@ -128,6 +136,10 @@ class Schedule:
         seen: dict[tuple[str, int], Task] = {}
         for task in self.tasks:
             key = (task.block, task.micro_batch)
+            if not math.isfinite(task.start):
+                out.append(Violation("bad-start", f"{task.label()} starts at {task.start} (not a finite time)",
+                                     (task.label(),)))  # fmt: skip
+                continue
             if task.block not in p.index or not 0 <= task.micro_batch < self.num_micro_batches:
                 out.append(
                     Violation(
@@ -218,10 +230,16 @@ class Schedule:
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
         try:
             placement = Placement.from_dict(data["placement"])
-            tasks = [Task(float(t["start"]), str(t["block"]), int(t["micro_batch"])) for t in data["tasks"]]
+            tasks = [Task(float(t["start"]), str(t["block"]), _whole(t["micro_batch"], "micro_batch"))
+                     for t in data["tasks"]]  # fmt: skip
             repetend = tuple(data["repetend"]) if data.get("repetend") else None
-            return cls(placement, int(data["micro_batches"]), tasks, data.get("name", ""), repetend,
+            micro_batches = _whole(data["micro_batches"], "micro_batches")
+            if micro_batches < 1:
+                raise UserError(f"schedule JSON: micro_batches must be at least 1, got {micro_batches}")
+            return cls(placement, micro_batches, tasks, data.get("name", ""), repetend,
                        dict(data.get("info") or {}))  # fmt: skip
+        except UserError:
+            raise
         except KeyError as error:
             raise UserError(f"schedule JSON is missing the key {error.args[0]!r}") from None
         except (TypeError, ValueError) as error:
@@ -239,6 +257,15 @@ class Schedule:
             raise UserError(f"cannot read schedule file {path}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"schedule file {path} is not a JSON text file") from None
+
+
+def _whole(value: Any, what: str) -> int:
+    """A whole number from JSON; 1.7, "8" or true are mistakes, not numbers to round."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise UserError(f"schedule JSON: {what} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _quantize(time: float) -> float:

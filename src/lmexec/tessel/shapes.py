@@ -271,6 +271,9 @@ def load_placement(spec: str, devices: int | None = None, **kwargs) -> Placement
         if kwargs.get("inference"):
             placement = placement.forward_only()
         if kwargs.get("capacity") is not None or kwargs.get("static_memory") is not None:
-            placement = placement.with_memory(kwargs.get("capacity"), kwargs.get("static_memory"))
+            capacity = kwargs.get("capacity")  # --static-memory alone keeps the file's limits
+            placement = placement.with_memory(
+                placement.capacity if capacity is None else capacity, kwargs.get("static_memory")
+            )
         return placement
     raise UserError(f"unknown placement {spec!r}: give a built-in ({', '.join(SHAPES)}) or a .json file")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmexec.reporting import output_path, picture_path
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -63,8 +65,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, steadier than 2)")
     ev.add_argument("--no-recall", action="store_true", help="skip the recall@k measurement (faster)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the prompts (default: 0)")
-    ev.add_argument("--json", default=None, help="write the full result here")
-    ev.add_argument("--png", default=None, help="plot accuracy vs budget here")
+    ev.add_argument("--json", type=output_path, default=None, help="write the full result here")
+    ev.add_argument("--png", type=picture_path, default=None, help="plot accuracy vs budget here")
     ev.set_defaults(handler=run_eval_command)
 
 

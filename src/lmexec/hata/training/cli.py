@@ -6,6 +6,7 @@ import argparse
 
 from lmexec.hata.training.recipes import DEFAULT_RECIPE, RECIPES
 from lmexec.hata.training.trainer import TrainConfig
+from lmexec.reporting import output_path
 
 _DEFAULTS = TrainConfig()
 
@@ -25,7 +26,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bits", type=int, default=_DEFAULTS.bits, help="code bits: 32, 64, 128 or 256 (default: 128)"
     )
-    p.add_argument("--out", required=True, help="weights file to write (safetensors)")
+    p.add_argument("--out", type=output_path, required=True, help="weights file to write (safetensors)")
     p.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
@@ -65,7 +66,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         default=_DEFAULTS.threads,
         help="torch threads (results repeat for the same count)",
     )
-    p.add_argument("--json", default=None, help="write per-layer validation and timings here")
+    p.add_argument(
+        "--json", type=output_path, default=None, help="write per-layer validation and timings here"
+    )
     p.set_defaults(handler=_train)
 
 

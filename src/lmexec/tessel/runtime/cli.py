@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmexec.errors import UserError
-from lmexec.reporting import console, print_table, write_json
+from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.cli import positive_int
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.model import GPTConfig, lm_loss
@@ -91,16 +91,22 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         f"that baseline (default {MIN_GAIN}; 0 = always the searched order)",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=900.0, help="stop every rank after this many seconds")
-    p.add_argument("--json", help="write config, placement, plans and measurements as JSON")
-    p.add_argument("--trace", help="Chrome trace: planned and measured timeline per schedule")
-    p.add_argument("--png", help="planned vs measured Gantt picture (.png/.svg)")
-    p.add_argument("--profile-out", help="write the profiled placement JSON (input of lmexec tessel search)")
+    p.add_argument("--json", type=output_path, help="write config, placement, plans and measurements as JSON")
+    p.add_argument(
+        "--trace", type=output_path, help="Chrome trace: planned and measured timeline per schedule"
+    )
+    p.add_argument("--png", type=picture_path, help="planned vs measured Gantt picture (.png/.svg)")
+    p.add_argument(
+        "--profile-out",
+        type=output_path,
+        help="write the profiled placement JSON (input of lmexec tessel search)",
+    )
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("profile", help="profile a GPT's stages into a placement JSON")
     _model_args(p)
-    p.add_argument("--out", "-o", required=True, help="placement JSON to write")
-    p.add_argument("--json", help="write the per-stage measurements as JSON")
+    p.add_argument("--out", "-o", type=output_path, required=True, help="placement JSON to write")
+    p.add_argument("--json", type=output_path, help="write the per-stage measurements as JSON")
     p.set_defaults(handler=cmd_profile)
 
 

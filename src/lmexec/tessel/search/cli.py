@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from lmexec.reporting import console, print_table, write_json
+from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.baselines import applicable_baselines
 from lmexec.tessel.search.driver import SearchResult, search
 
@@ -23,10 +23,12 @@ def register_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds for the whole search (default 30)")
     p.add_argument("--solver", choices=["cpsat", "z3"], default="cpsat", help="repetend solver")
     p.add_argument("--workers", type=positive_int, default=2, help="CP-SAT worker threads (default 2)")
-    p.add_argument("--json", help="write the result and the baselines' figures as JSON")
-    p.add_argument("--png", help="Gantt chart of the schedule")
-    p.add_argument("--trace", help="Chrome trace / Perfetto JSON of the schedule")
-    p.add_argument("--save", help="write the schedule JSON (lmexec tessel validate reads it)")
+    p.add_argument("--json", type=output_path, help="write the result and the baselines' figures as JSON")
+    p.add_argument("--png", type=picture_path, help="Gantt chart of the schedule")
+    p.add_argument("--trace", type=output_path, help="Chrome trace / Perfetto JSON of the schedule")
+    p.add_argument(
+        "--save", type=output_path, help="write the schedule JSON (lmexec tessel validate reads it)"
+    )
     p.set_defaults(handler=cmd_search)
 
 

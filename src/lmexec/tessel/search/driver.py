@@ -9,6 +9,7 @@ period per dependency hop), which covers every schedule that does not idle a who
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,8 +231,8 @@ def search(
     """
     if micro_batches < 1:
         raise UserError("the micro-batch count must be at least 1")
-    if time_limit <= 0:
-        raise UserError("the time limit must be positive")
+    if not 0 < time_limit < math.inf:
+        raise UserError(f"the time limit must be a positive number of seconds, got {time_limit}")
     if inference and not placement.is_inference:
         placement = placement.forward_only()
     began = time.perf_counter()
