@@ -75,13 +75,21 @@ class Placement:
         if not isinstance(self.num_devices, int) or self.num_devices < 1:
             raise UserError(f"placement {self.name!r}: device count must be a positive integer")
         object.__setattr__(
-            self, "capacity", _per_device(None if self.capacity == () else self.capacity, self.num_devices, "capacity", math.inf)
+            self,
+            "capacity",
+            _per_device(
+                None if self.capacity == () else self.capacity, self.num_devices, "capacity", math.inf
+            ),
         )
         object.__setattr__(
             self,
             "static_memory",
-            _per_device(None if self.static_memory == () else self.static_memory, self.num_devices,
-                        "static_memory", 0.0),  # fmt: skip
+            _per_device(
+                None if self.static_memory == () else self.static_memory,
+                self.num_devices,
+                "static_memory",
+                0.0,
+            ),  # fmt: skip
         )
         self._validate()
 

@@ -126,7 +126,9 @@ class Schedule:
         kept = [t for t in self.tasks if t.block in self.placement.index and math.isfinite(t.start)]
         if len(kept) == len(self.tasks):
             return self
-        return Schedule(self.placement, self.num_micro_batches, kept, self.name, self.repetend, dict(self.info))
+        return Schedule(
+            self.placement, self.num_micro_batches, kept, self.name, self.repetend, dict(self.info)
+        )
 
     # ---- checks ----------------------------------------------------------------------------
     def validate(self) -> list[Violation]:
