@@ -165,3 +165,26 @@ def test_greedy_repetend_is_valid_and_near_the_bound(shape: str, devices: int, m
     n = rep.in_flight(prob) + 2
     done = complete(prob, rep, n, 0.5)
     assert to_schedule(prob, done.starts, n, "greedy").validate() == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "unit_memory", "byte_memory", "unit_capacity", "byte_capacity"),
+    [
+        ("vshape", {"F": {"memory": 1}, "B": {"memory": -1}},
+         {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 2, 300000000),
+        ("zerobubble", {"F": {"memory": 1}, "I": {"memory": -0.5}, "W": {"memory": -0.5}},
+         {"F": {"memory": 300000007}, "I": {"memory": -150000011}, "W": {"memory": -149999996}}, 3, 900000021),
+    ],
+)  # fmt: skip
+def test_memory_in_bytes_is_bound_like_memory_in_units(
+    shape, unit_memory, byte_memory, unit_capacity, byte_capacity
+):
+    """Byte-sized memory cannot be scaled exactly; rounding must still leave each micro-batch freeing what
+    it took, or the periodic memory constraint is dropped and more micro-batches fly than fit."""
+    units = search(build_placement(shape, 4, capacity=unit_capacity, overrides=unit_memory), 8, time_limit=5)
+    placement = build_placement(shape, 4, capacity=byte_capacity, overrides=byte_memory)
+    assert not IntProblem.build(placement).memory.exact
+    assert all(net == 0 for net in IntProblem.build(placement).net)
+    found = search(placement, 8, time_limit=5)
+    assert found.schedule.validate() == []
+    assert found.period == units.period and found.in_flight == units.in_flight

@@ -4,7 +4,11 @@ Durations and memory may be floats (profiled milliseconds and bytes). They are m
 either *exactly* (a common rational scale with a bounded denominator) or, when that would make the
 numbers too large, *conservatively* at a fixed resolution: durations and memory deltas are rounded
 up, capacities down. A schedule that is valid on the integers is then valid on the real floats, so
-:meth:`Schedule.validate` always passes on what the search returns.
+:meth:`Schedule.validate` always passes on what the search returns. Rounding every delta up would
+leave a micro-batch that frees all it took holding a few units on the integers, and the periodic
+memory constraints need that balance, so :func:`_balanced_deltas` gives the excess back at the block
+that frees last (after every other memory change of the micro-batch on that device, so no partial
+sum drops below the real one).
 """
 
 from __future__ import annotations
@@ -63,6 +67,30 @@ def _make_scale(values: list[float], resolution: int) -> Scale:
     return Scale(Fraction(max(abs(v) for v in nonzero)) / resolution, False)
 
 
+def _balanced_deltas(placement: Placement, memory: Scale) -> tuple[int, ...]:
+    """Deltas rounded up, then per device whose real net is 0 the integer excess is freed by the one
+    single-device block that follows (transitively) every other memory-changing block there, if any."""
+    blocks = placement.blocks
+    delta = [memory.up(b.memory) for b in blocks]
+    if memory.exact:
+        return tuple(delta)
+    index = placement.index
+    ancestors: dict[str, set[str]] = {}
+    for name in placement.topological_order:
+        ancestors[name] = set().union(*({a} | ancestors[a] for a in placement.block(name).after))
+    for device in range(placement.num_devices):
+        on = [b for b in blocks if device in b.devices and b.memory != 0]
+        real = sum(Fraction(b.memory) for b in on)
+        excess = sum(delta[index[b.name]] for b in on)
+        if real != 0 or excess <= 0:
+            continue
+        last = [b for b in on if b.memory < 0 and len(b.devices) == 1
+                and all(o.name in ancestors[b.name] for o in on if o is not b)]  # fmt: skip
+        if last:
+            delta[index[last[0].name]] -= excess
+    return tuple(delta)
+
+
 @dataclass(frozen=True)
 class IntProblem:
     """The placement on integers: index-based blocks, durations, memory deltas, capacities."""
@@ -93,7 +121,7 @@ class IntProblem:
             memory,
             tuple(b.name for b in blocks),
             tuple(max(1, time.up(b.duration)) for b in blocks),
-            tuple(memory.up(b.memory) for b in blocks),
+            _balanced_deltas(placement, memory),
             tuple(b.devices for b in blocks),
             tuple(tuple(dict.fromkeys(index[a] for a in b.after)) for b in blocks),
             tuple(tuple(dict.fromkeys(index[s] for s in placement.successors[b.name])) for b in blocks),
