@@ -90,3 +90,32 @@ def test_interleaved_needs_a_multiple_of_the_device_count():
 
 def test_registry_names():
     assert set(BASELINES) == {"gpipe", "1f1b", "interleaved", "chimera", "zbh1"}
+
+
+def _custom(blocks):
+    from lmexec.tessel.placement import Placement
+
+    return Placement.from_dict({"devices": 2, "blocks": blocks})
+
+
+def test_1f1b_refuses_what_it_would_drop_instead_of_dropping_it():
+    blocks = [
+        {"name": "f0", "devices": [0], "kind": "forward", "duration": 1, "memory": 1},
+        {"name": "f1", "devices": [1], "after": ["f0"], "kind": "forward", "duration": 1, "memory": 1},
+        {"name": "i1", "devices": [1], "after": ["f1"], "kind": "backward_input", "duration": 2, "memory": -0.5},
+        {"name": "i0", "devices": [0], "after": ["i1"], "kind": "backward_input", "duration": 2, "memory": -0.5},
+        {"name": "w1", "devices": [1], "after": ["i1", "f1"], "kind": "backward_weight", "duration": 1, "memory": -0.5},
+        {"name": "w0", "devices": [0], "after": ["i0"], "kind": "backward_weight", "duration": 1, "memory": -0.5},
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="weight gradient right after one"):
+        baseline_schedule(_custom(blocks), "1f1b", 3)
+    assert "1f1b" not in applicable_baselines(_custom(blocks), 3)
+    simple = [b for b in blocks if b["name"] != "w1"] + [{**blocks[4], "after": ["i1"]}]
+    assert baseline_schedule(_custom(simple), "1f1b", 3).validate() == []
+
+
+def test_baselines_of_a_placement_without_forwards_do_not_crash():
+    only_w = _custom([{"name": "w", "devices": [0], "kind": "backward_weight", "duration": 1, "memory": 0}])
+    with pytest.raises(UserError, match="no forward blocks"):
+        baseline_schedule(only_w, "1f1b", 2)
+    assert baseline_schedule(only_w, "gpipe", 2).validate() == []

@@ -166,3 +166,93 @@ def test_bad_flags_are_one_line_errors_too(capsys, argv, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "--help" in err
     assert err.count("\n") == 1 and "usage:" not in err
+
+
+def test_validate_flags_starts_that_are_not_finite(capsys, tmp_path):
+    saved = tmp_path / "s.json"
+    assert (
+        run(
+            capsys,
+            "tessel",
+            "baseline",
+            "-p",
+            "vshape",
+            "-d",
+            "2",
+            "-n",
+            "2",
+            "-s",
+            "1f1b",
+            "--save",
+            str(saved),
+        )[0]
+        == 0
+    )
+    data = json.loads(saved.read_text())
+    data["tasks"][0]["start"] = float("nan")
+    data["tasks"][1]["block"] = "no-such-block"
+    saved.write_text(json.dumps(data))
+    code, out, _ = run(capsys, "tessel", "validate", str(saved), "--png", str(tmp_path / "v.png"))
+    assert code == 1 and "[bad-start]" in out and "[unknown]" in out and "INVALID" in out
+    data["tasks"][0]["micro_batch"] = 1.5
+    saved.write_text(json.dumps(data))
+    code, _, err = run(capsys, "tessel", "validate", str(saved))
+    assert code == 2 and "micro_batch must be a whole number, got 1.5" in err
+
+
+def test_memory_limits_that_are_not_numbers_are_refused(capsys, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"devices": 1, "capacity": NaN, "blocks": [{"name": "f", "duration": 1, "memory": 1, "devices": [0]}]}'
+    )
+    code, _, err = run(capsys, "tessel", "show", "-p", str(path))
+    assert code == 2 and "capacity must be a number" in err
+    with pytest.raises(SystemExit):
+        main(["tessel", "search", "-p", "vshape", "-d", "2", "-m", "nan"])
+    assert "memory must be a number" in capsys.readouterr().err
+
+
+def test_static_memory_flag_keeps_the_files_capacity(capsys, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"devices": 1, "capacity": 4, "blocks": [{"name": "f", "kind": "forward", "duration": 1, "memory": 1, "devices": [0]},'
+                    ' {"name": "b", "kind": "backward", "duration": 1, "memory": -1, "devices": [0], "after": ["f"]}]}')  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "tessel",
+        "baseline",
+        "-p",
+        str(path),
+        "-n",
+        "8",
+        "-s",
+        "gpipe",
+        "--static-memory",
+        "1",
+        "--json",
+        str(tmp_path / "o.json"),
+    )
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert report["placement"]["capacity"] == [4.0] and report["placement"]["static_memory"] == [1.0]
+    assert report["schedules"]["gpipe"]["violations"]
+
+
+def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
+    for flag, value, message in [
+        ("--png", str(tmp_path / "out.txt"), "a picture path ends in"),
+        ("--json", str(tmp_path), "is a folder"),
+        ("--save", str(tmp_path / "file.txt" / "x.json"), "not a writable folder"),
+    ]:
+        (tmp_path / "file.txt").write_text("")
+        with pytest.raises(SystemExit):
+            main(["tessel", "baseline", "-p", "vshape", "-d", "2", "-n", "2", flag, value])
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_user_names_with_brackets_print_as_given(capsys, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"name": "net[bold]", "devices": 1, "blocks": [{"name": "layer[x]", "duration": 1, "memory": 0, "devices": [0]}]}'
+    )
+    code, out, _ = run(capsys, "tessel", "show", "-p", str(path))
+    assert code == 0 and "layer[x]" in out and "net[bold]" in out

@@ -42,9 +42,19 @@ def _as_pipeline(placement: Placement, schedule: str) -> _Pipeline:
     order = [placement.block(n) for n in placement.topological_order]
     forwards = [b for b in order if b.kind is BlockKind.FORWARD]
     backwards = [b for b in order if b.kind in (BlockKind.BACKWARD, BlockKind.BACKWARD_INPUT)]
-    weights = {b.after[0]: b.name for b in order if b.kind is BlockKind.BACKWARD_WEIGHT and len(b.after) == 1}
+    by_name = {b.name: b for b in backwards}
+    weights = {
+        b.after[0]: b.name
+        for b in order
+        if b.kind is BlockKind.BACKWARD_WEIGHT and len(b.after) == 1 and b.after[0] in by_name
+        and by_name[b.after[0]].devices == b.devices
+    }  # fmt: skip
     problem = None
-    if any(b.multi_device for b in forwards + backwards):
+    if not forwards:
+        problem = "it has no forward blocks"
+    elif len(forwards) + len(backwards) + len(weights) != len(order):
+        problem = "some blocks are neither a stage's forward/backward nor a weight gradient right after one"
+    elif any(b.multi_device for b in forwards + backwards):
         problem = "it has multi-device blocks"
     elif len(forwards) != len(backwards) and backwards:
         problem = "its forward and backward blocks do not pair up stage by stage"
