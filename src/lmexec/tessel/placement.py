@@ -24,6 +24,7 @@ from typing import Any
 from lmexec.errors import UserError
 from lmexec.tessel.block import Block, BlockKind
 
+MAX_DURATION = 1e15  # beyond this, sums of durations lose all precision (and the solvers' integers overflow)
 SCHEMA_KEYS = {"name", "devices", "capacity", "static_memory", "blocks"}
 BLOCK_KEYS = {"name", "kind", "duration", "memory", "devices", "after"}
 
@@ -105,10 +106,16 @@ class Placement:
             if block.name in seen:
                 raise UserError(f"{where}: block name {block.name!r} is used twice")
             seen.add(block.name)
+            if not isinstance(block.kind, BlockKind):
+                raise UserError(f"{where}: block {block.name!r} has kind {block.kind!r}, not a BlockKind")
             if not (isinstance(block.duration, int | float) and block.duration > 0):
                 raise UserError(f"{where}: block {block.name!r} has non-positive duration {block.duration!r}")
-            if not math.isfinite(block.duration) or not math.isfinite(block.memory):
-                raise UserError(f"{where}: block {block.name!r} has a non-finite duration or memory")
+            if not isinstance(block.memory, int | float) or isinstance(block.memory, bool):
+                raise UserError(f"{where}: block {block.name!r} has memory {block.memory!r}, not a number")
+            if not block.duration < MAX_DURATION or not math.isfinite(block.memory):
+                raise UserError(
+                    f"{where}: block {block.name!r} needs a duration below {MAX_DURATION:g} and a finite memory"
+                )
             if not block.devices:
                 raise UserError(f"{where}: block {block.name!r} occupies no device")
             if len(set(block.devices)) != len(block.devices):
