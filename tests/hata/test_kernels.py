@@ -550,3 +550,46 @@ print("ok")
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_kernel_arguments_are_checked_before_any_unchecked_read(backend):
+    q, keys = torch.randn(1, 4, 16), torch.randn(1, 2, 40, 16)
+    with kernels.use_backend(backend):
+        for bad in (40, -1, 10**9):
+            with pytest.raises(ValueError, match="outside the 40 rows"):
+                kernels.gather_attention(q, keys, keys, torch.full((1, 2, 3), bad))
+        with pytest.raises(ValueError, match="must be"):
+            kernels.gather_attention(
+                q,
+                torch.randn(2, 2, 40, 16),
+                torch.randn(2, 2, 40, 16),
+                torch.zeros(2, 2, 3, dtype=torch.long),
+            )
+        with pytest.raises(ValueError, match="valid must be a bool tensor"):
+            kernels.gather_attention(
+                q, keys, keys, torch.zeros(1, 2, 3, dtype=torch.long), valid=torch.ones(1, 40)
+            )
+        with pytest.raises(ValueError, match="encode"):
+            kernels.encode(torch.randn(2, 3, 40, 16), torch.randn(1, 16, 64))
+        codes = kernels.encode(torch.randn(2, 3, 40, 16), torch.randn(3, 16, 64))
+        with pytest.raises(ValueError, match=r"valid has shape \[1, 3\]"):
+            kernels.hamming_topk(codes[:, :, :2], codes, 4, valid=torch.ones(1, 3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="key codes describe 40 keys but keys/values hold 30"):
+            short = torch.randn(2, 3, 30, 16)
+            kernels.hamming_topk_attention(
+                torch.randn(2, 6, 16), torch.randn(3, 16, 64), codes, short, short, 4
+            )
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_no_selected_row_gives_zeros_on_every_backend(backend):
+    q, keys = torch.randn(1, 4, 16), torch.randn(1, 2, 40, 16)
+    codes = kernels.encode(keys, torch.randn(2, 16, 64))
+    with kernels.use_backend(backend):
+        assert torch.equal(
+            kernels.gather_attention(q, keys, keys, torch.zeros(1, 2, 0, dtype=torch.long)),
+            torch.zeros(1, 4, 16),
+        )
+        out = kernels.hamming_topk_attention(q, torch.randn(2, 16, 64), codes, keys, keys, 0)
+        assert torch.equal(out, torch.zeros(1, 4, 16))

@@ -130,3 +130,15 @@ def test_dispatch_runs_triton_backend():
             kernels.hamming_topk_attention(query, w, kc, keys, values, 10, 0, 1, scale=0.3),
             ref.gather_attention(query, keys, values, want_idx, 0.3),
         )
+
+
+def test_dispatch_to_triton_handles_empty_selections_and_a_wider_v():
+    query, keys, values, _, _, _ = _data(1, 2, 2, 50, 16, 128)
+    wide = torch.randn(1, 2, 50, 24).to(DEVICE)
+    idx = torch.randint(0, 50, (1, 2, 7)).to(DEVICE)
+    with kernels.use_backend("triton"):
+        empty = kernels.gather_attention(query, keys, values, idx[:, :, :0])
+        assert torch.equal(empty, torch.zeros_like(query))
+        got = kernels.gather_attention(query, keys, wide, idx)  # d_v != d: not the Triton kernel's shape
+    assert got.shape == (1, 4, 24)
+    torch.testing.assert_close(got, ref.gather_attention(query, keys, wide, idx))

@@ -40,7 +40,7 @@ import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.cache import GrowableBuffer
-from lmexec.hata.kernels import reference
+from lmexec.hata.kernels import checks, reference
 
 ENV_VAR = "LMEXEC_HATA_KERNELS"
 SMALL_ENCODE_ROWS = 64
@@ -140,11 +140,13 @@ def _impl(backend: str):
 
 def encode(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Packed codes of ``x [B, H_kv, N, d]`` under ``W [H_kv, d, r]``."""
+    checks.check_encode(x, w)
     return _impl(backend_for(x)).encode(x, w)
 
 
 def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
     """Group-summed Hamming distances ``[B, H_kv, N]`` (int64)."""
+    checks.check_codes(query_codes, key_codes)
     return _impl(backend_for(key_codes)).hamming_scores(query_codes, key_codes)
 
 
@@ -161,6 +163,7 @@ def hamming_topk(
 
     ``key_blocks`` (optional): the same key codes in the CPU kernel's transposed block layout (see
     :func:`code_blocks_wanted`), which it scans about 3x faster than the rows; other backends ignore it."""
+    checks.check_codes(query_codes, key_codes, valid, key_blocks)
     backend = backend_for(key_codes)
     if backend == "numba":
         from lmexec.hata.kernels import cpu
@@ -205,13 +208,19 @@ def gather_attention(
     keep: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact attention of ``query [B, H_q, d]`` over the selected rows of ``keys/values``."""
+    """Exact attention of ``query [B, H_q, d]`` over the selected rows of ``keys/values``; with no row
+    selected (``K = 0``) the output is zeros on every backend."""
+    checks.check_attention(query, keys, values, indices, keep, valid)
+    if indices.shape[2] == 0:
+        return query.new_zeros(*query.shape[:2], values.shape[3])
     backend = backend_for(keys)
     if backend == "numba":
         from lmexec.hata.kernels import cpu
 
         if keys.dtype not in cpu.SUPPORTED_ATTENTION_DTYPES or values.dtype != keys.dtype:
             backend = "torch"
+    if backend == "triton" and values.shape[3] != keys.shape[3]:
+        backend = "torch"  # the Triton kernel reads V rows of the K width
     return _impl(backend).gather_attention(query, keys, values, indices, scale, keep, valid)
 
 
@@ -233,6 +242,9 @@ def hamming_topk_attention(
     and ``gather_attention(..., valid=valid)``, fused into one kernel on CPU (numba), composed of the
     three elsewhere. The per-token inputs may be the cache's :class:`GrowableBuffer` s themselves, which
     lets the CPU kernel reuse its view of them across steps."""
+    checks.check_attention(query, keys, values, valid=valid, key_codes=key_codes)
+    if k <= 0:
+        return query.new_zeros(*query.shape[:2], values.shape[3])
     if backend_for(_storage(key_codes)) == "numba" and backend_for(_storage(keys)) == "numba":
         from lmexec.hata.kernels import cpu
 
@@ -256,7 +268,7 @@ def append_codes(
     blocks, see :func:`write_code_blocks`), whose storage the caller has grown to hold them: the cache
     append of a decode step, in one kernel call on CPU. Lengths are the caller's to set."""
     end = keys.length
-    _check_append(keys, start, w, codes, blocks)
+    checks.check_append(keys, start, w, codes, blocks, code_block_bytes(codes.data.shape[3]), CODE_BLOCK_KEYS)
     backend = backend_for(codes.data)
     if backend == "numba" and 0 < end - start <= SMALL_ENCODE_ROWS:
         from lmexec.hata.kernels import cpu
@@ -268,30 +280,6 @@ def append_codes(
     codes.data[:, :, start:end] = new
     if blocks is not None:
         write_code_blocks(blocks.data, start, new)
-
-
-def _check_append(
-    keys: GrowableBuffer, start: int, w: torch.Tensor, codes: GrowableBuffer, blocks: GrowableBuffer | None
-) -> None:
-    """The append kernel writes unchecked: refuse shapes it would write out of bounds with."""
-    b, h, _, d = keys.data.shape
-    words = codes.data.shape[3]
-    problems = []
-    if not 0 <= start <= keys.length <= codes.capacity:
-        problems.append(f"keys {start}..{keys.length} do not fit codes of capacity {codes.capacity}")
-    if tuple(codes.data.shape[:2]) != (b, h) or w.dim() != 3 or tuple(w.shape[:2]) != (h, d):
-        problems.append(f"codes {list(codes.data.shape)} or W {list(w.shape)} do not match keys {[b, h, d]}")
-    elif not 0 < w.shape[2] <= 64 * words:
-        problems.append(f"{w.shape[2]}-bit W does not fit {words} code words")
-    if blocks is not None and (
-        tuple(blocks.data.shape[:2]) != (b, h)
-        or blocks.data.shape[3] != code_block_bytes(words)
-        or blocks.capacity * CODE_BLOCK_KEYS < keys.length
-        or blocks.dtype != torch.uint8
-    ):
-        problems.append(f"code blocks {list(blocks.data.shape)} cannot hold {keys.length} keys' codes")
-    if problems:
-        raise ValueError("append_codes: " + "; ".join(problems))
 
 
 def _tensor(x: Rows) -> torch.Tensor:
