@@ -311,3 +311,26 @@ def test_a_weights_file_must_match_the_asked_bits_and_the_model(tmp_path):
     )
     with pytest.raises(UserError, match="trained for another model"):
         enable(model, weights=foreign)
+
+
+def test_enable_refuses_empty_or_mismatched_weights_and_bad_capacity():
+    model = tiny()
+    with pytest.raises(UserError, match="hold no layers"):
+        enable(model, weights={}, dense_layers=4)
+    with pytest.raises(UserError, match="64 bits but 128 were requested"):
+        enable(model, weights=hash_weights(4), bits=128)
+    assert enable(model, weights=hash_weights(4)).method.bits == 64
+    for capacity in ("10", 5000.5, -1, True):
+        with pytest.raises(UserError, match="capacity must be a whole number"):
+            enable(model, method="simhash", capacity=capacity)
+
+
+def test_disable_restores_the_implementation_from_before_the_first_enable():
+    model = tiny()
+    model.set_attn_implementation("eager")
+    first = enable(model, method="simhash")
+    second = enable(model, method="simhash")
+    second.disable()
+    assert model.config._attn_implementation == "eager"
+    first.disable()
+    assert model.config._attn_implementation == "eager"

@@ -92,8 +92,8 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
                 raise UserError(f"--{name} must be positive whole numbers, got {values}")
-        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0 or self.evict_mb < 0:
-            raise UserError("--head-dim and --repeats must be >= 1, --warmup and --evict-mb >= 0")
+        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0 or self.evict_mb < 0 or self.threads < 0:
+            raise UserError("--head-dim and --repeats must be >= 1, --warmup, --evict-mb and --threads >= 0")
         if self.kernels not in kernels.BACKENDS:
             raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
 

@@ -110,7 +110,7 @@ def make_method(
         )
     if not isinstance(weights, dict):
         raise UserError(f"weights must be a file path or {{layer: tensor}}, got {type(weights).__name__}")
-    hata = Hata(dict(weights))
+    hata = Hata(dict(weights), bits=bits or 0)  # explicit bits must match the projections' width
     missing = [layer for layer in range(dense_layers, shape.n_layers) if layer not in weights]
     if missing:
         raise UserError(
@@ -197,9 +197,14 @@ def enable(
         )
     budget_obj = make_budget(budget, sink, recent)
     selection = make_method(method, shape, dense_layers, weights, bits, model)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise UserError(
+            f"capacity must be a whole number of tokens >= 0 (0: grow as needed), got {capacity!r}"
+        )
     previous = getattr(model.config, "_attn_implementation", None)
     name = register()
     if previous != name:
+        model._lmexec_attention_before = previous  # what disable() restores, however often enable() runs
         model.set_attn_implementation(name)
     return HataHandle(
         model=model,
@@ -209,5 +214,5 @@ def enable(
         dense_layers=dense_layers,
         capacity=capacity,
         record_recall=record_recall,
-        previous_attention=previous if previous != name else None,
+        previous_attention=getattr(model, "_lmexec_attention_before", None),
     )

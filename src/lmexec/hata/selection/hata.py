@@ -29,6 +29,8 @@ class Hata(HashSelection):
                 "the 'hata' method needs learned hash weights (--hata-weights FILE); "
                 "they come from `lmexec hata train` (not available yet)"
             )
+        if isinstance(self.weights, dict) and not self.weights:
+            raise UserError("hash weights hold no layers: give {layer: W [n_kv_heads, head_dim, bits]}")
         first = self.weights if isinstance(self.weights, torch.Tensor) else next(iter(self.weights.values()))
         if first.dim() != 3:
             raise UserError(
