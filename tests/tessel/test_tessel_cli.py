@@ -97,50 +97,21 @@ def test_schedule_file_without_a_key_names_it(capsys, tmp_path):
     assert code == 2 and "missing the key 'placement'" in err and err.count("\n") == 1
 
 
+def baseline_file(capsys, path, schedule="1f1b", output="--json"):
+    """Run ``tessel baseline`` on vshape (4 devices, 4 micro-batches) writing ``path``; return it."""
+    args = ("tessel", "baseline", "-p", "vshape", "-d", "4", "-n", "4", "-s", schedule, output, str(path))
+    assert run(capsys, *args)[0] == 0
+    return path
+
+
 def test_validate_reads_the_one_schedule_of_a_baseline_report(capsys, tmp_path):
-    report = tmp_path / "report.json"
-    assert (
-        run(
-            capsys,
-            "tessel",
-            "baseline",
-            "-p",
-            "vshape",
-            "-d",
-            "4",
-            "-n",
-            "4",
-            "-s",
-            "1f1b",
-            "--json",
-            str(report),
-        )[0]
-        == 0
-    )
+    report = baseline_file(capsys, tmp_path / "report.json")
     code, out, _ = run(capsys, "tessel", "validate", str(report))
     assert code == 0 and out.startswith("valid")
 
 
 def test_validate_explains_reports_it_cannot_read(capsys, tmp_path):
-    both = tmp_path / "both.json"
-    assert (
-        run(
-            capsys,
-            "tessel",
-            "baseline",
-            "-p",
-            "vshape",
-            "-d",
-            "4",
-            "-n",
-            "4",
-            "-s",
-            "all",
-            "--json",
-            str(both),
-        )[0]
-        == 0
-    )
+    both = baseline_file(capsys, tmp_path / "both.json", "all")
     code, _, err = run(capsys, "tessel", "validate", str(both))
     assert code == 2 and "report of 2 schedules (gpipe, 1f1b)" in err and "--save" in err
     searched = tmp_path / "search.json"
@@ -169,25 +140,7 @@ def test_bad_flags_are_one_line_errors_too(capsys, argv, message):
 
 
 def test_validate_flags_starts_that_are_not_finite(capsys, tmp_path):
-    saved = tmp_path / "s.json"
-    assert (
-        run(
-            capsys,
-            "tessel",
-            "baseline",
-            "-p",
-            "vshape",
-            "-d",
-            "2",
-            "-n",
-            "2",
-            "-s",
-            "1f1b",
-            "--save",
-            str(saved),
-        )[0]
-        == 0
-    )
+    saved = baseline_file(capsys, tmp_path / "s.json", output="--save")
     data = json.loads(saved.read_text())
     data["tasks"][0]["start"] = float("nan")
     data["tasks"][1]["block"] = "no-such-block"
