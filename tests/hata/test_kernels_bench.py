@@ -56,7 +56,8 @@ def test_bytes_per_method():
         (["--contexts", "1k"], "comma-separated whole numbers"),
         (["--bits", "100"], "hash bits"),
         (["--kernels", "cuda"], "--kernels must be one of"),
-        (["--evict-mb", "-1"], "--evict-mb >= 0"),
+        (["--evict-mb", "-1"], "--evict-mb must be >= 0"),
+        (["--threads", "-1"], "--threads must be >= 0"),
     ],
 )
 def test_bench_bad_flags(capsys, flags, message):

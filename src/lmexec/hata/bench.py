@@ -92,8 +92,11 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
                 raise UserError(f"--{name} must be positive whole numbers, got {values}")
-        if self.head_dim < 1 or self.repeats < 1 or self.warmup < 0 or self.evict_mb < 0 or self.threads < 0:
-            raise UserError("--head-dim and --repeats must be >= 1, --warmup, --evict-mb and --threads >= 0")
+        for flag, value, least in (("head-dim", self.head_dim, 1), ("repeats", self.repeats, 1),
+                                   ("warmup", self.warmup, 0), ("evict-mb", self.evict_mb, 0),
+                                   ("threads", self.threads, 0)):  # fmt: skip
+            if value < least:
+                raise UserError(f"--{flag} must be >= {least}, got {value}")
         if self.kernels not in kernels.BACKENDS:
             raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
 
