@@ -172,6 +172,8 @@ def test_greedy_repetend_is_valid_and_near_the_bound(shape: str, devices: int, m
     [
         ("vshape", {"F": {"memory": 1}, "B": {"memory": -1}},
          {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 2, 300000000),
+        ("xshape", {"F": {"memory": 1}, "B": {"memory": -1}},
+         {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 3, 370372367),  # 3 F + a few units of rounding
         ("zerobubble", {"F": {"memory": 1}, "I": {"memory": -0.5}, "W": {"memory": -0.5}},
          {"F": {"memory": 300000007}, "I": {"memory": -150000011}, "W": {"memory": -149999996}}, 3, 900000021),
     ],

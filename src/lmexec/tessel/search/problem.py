@@ -7,8 +7,8 @@ up, capacities down. A schedule that is valid on the integers is then valid on t
 :meth:`Schedule.validate` always passes on what the search returns. Rounding every delta up would
 leave a micro-batch that frees all it took holding a few units on the integers, and the periodic
 memory constraints need that balance, so :func:`_balanced_deltas` gives the excess back at the block
-that frees last (after every other memory change of the micro-batch on that device, so no partial
-sum drops below the real one).
+that frees a balanced group last (after every other memory change of its group, so no partial sum
+drops below the real one).
 """
 
 from __future__ import annotations
@@ -68,8 +68,11 @@ def _make_scale(values: list[float], resolution: int) -> Scale:
 
 
 def _balanced_deltas(placement: Placement, memory: Scale) -> tuple[int, ...]:
-    """Deltas rounded up, then per device whose real net is 0 the integer excess is freed by the one
-    single-device block that follows (transitively) every other memory-changing block there, if any."""
+    """Deltas rounded up, then balanced group by group: on each device, from the last block backwards,
+    a freeing block forms a group with its not yet grouped memory-changing ancestors there; when the
+    group's real sum is 0, the block frees the group's integer excess too. Once that block has started
+    its whole group has, so no partial sum drops below the real one. A block on several devices is
+    adjusted only when every one of its devices asks for the same amount."""
     blocks = placement.blocks
     delta = [memory.up(b.memory) for b in blocks]
     if memory.exact:
@@ -78,18 +81,25 @@ def _balanced_deltas(placement: Placement, memory: Scale) -> tuple[int, ...]:
     ancestors: dict[str, set[str]] = {}
     for name in placement.topological_order:
         ancestors[name] = set().union(*({a} | ancestors[a] for a in placement.block(name).after))
+    asks: dict[str, list[int]] = {}
     for device in range(placement.num_devices):
-        on = [b for b in blocks if device in b.devices and b.memory != 0]
-        if not on:
-            continue
-        real = sum(b.memory for b in on)  # float sums of a balanced micro-batch may miss 0 by rounding noise
-        excess = sum(delta[index[b.name]] for b in on)
-        if abs(real) > 1e-9 * max(abs(b.memory) for b in on) or excess <= 0:
-            continue
-        last = [b for b in on if b.memory < 0 and len(b.devices) == 1
-                and all(o.name in ancestors[b.name] for o in on if o is not b)]  # fmt: skip
-        if last:
-            delta[index[last[0].name]] -= excess
+        grouped: set[str] = set()
+        for name in reversed(placement.topological_order):
+            block = placement.block(name)
+            if device not in block.devices or block.memory >= 0 or name in grouped:
+                continue
+            group = [block] + [
+                placement.block(a) for a in ancestors[name]
+                if a not in grouped and device in placement.block(a).devices and placement.block(a).memory != 0
+            ]  # fmt: skip
+            grouped.update(b.name for b in group)
+            real = sum(b.memory for b in group)  # float noise may keep a balanced group off 0
+            excess = sum(delta[index[b.name]] for b in group)
+            if abs(real) <= 1e-9 * max(abs(b.memory) for b in group) and excess > 0:
+                asks.setdefault(name, []).append(excess)
+    for name, amounts in asks.items():
+        if len(amounts) == len(placement.block(name).devices) and len(set(amounts)) == 1:
+            delta[index[name]] -= amounts[0]
     return tuple(delta)
 
 
