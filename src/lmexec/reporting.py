@@ -44,6 +44,10 @@ def output_path(text: str) -> str:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    if path.exists():  # an existing file (or /dev/stdout) needs write access to itself, not its folder
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
+        return text
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent

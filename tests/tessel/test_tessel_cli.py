@@ -147,6 +147,7 @@ def test_validate_flags_starts_that_are_not_finite(capsys, tmp_path):
     saved.write_text(json.dumps(data))
     code, out, _ = run(capsys, "tessel", "validate", str(saved), "--png", str(tmp_path / "v.png"))
     assert code == 1 and "[bad-start]" in out and "[unknown]" in out and "INVALID" in out
+    assert out.count("never runs") == 1  # the renamed task's; the NaN one is reported once, as bad-start
     data["tasks"][0]["micro_batch"] = 1.5
     saved.write_text(json.dumps(data))
     code, _, err = run(capsys, "tessel", "validate", str(saved))
@@ -184,6 +185,7 @@ def test_static_memory_flag_keeps_the_files_capacity(capsys, tmp_path):
         "--json",
         str(tmp_path / "o.json"),
     )
+    assert code == 0
     report = json.loads((tmp_path / "o.json").read_text())
     assert report["placement"]["capacity"] == [4.0] and report["placement"]["static_memory"] == [1.0]
     assert report["schedules"]["gpipe"]["violations"]
@@ -209,3 +211,14 @@ def test_user_names_with_brackets_print_as_given(capsys, tmp_path):
     )
     code, out, _ = run(capsys, "tessel", "show", "-p", str(path))
     assert code == 0 and "layer[x]" in out and "net[bold]" in out
+
+
+def test_output_paths_may_be_existing_files_and_new_folders(capsys, tmp_path):
+    from lmexec.reporting import output_path
+
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    assert output_path(str(existing)) == str(existing)
+    export = tmp_path / "new" / "folder" / "p.json"
+    code, _, _ = run(capsys, "tessel", "show", "-p", "vshape", "-d", "2", "--export", str(export))
+    assert code == 0 and json.loads(export.read_text())["devices"] == 2

@@ -86,7 +86,7 @@ class BenchConfig:
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
             raise UserError(f"unknown dtypes {bad}: use some of {', '.join(DTYPES)}")
-        if self.heads % self.kv_heads or self.kv_heads < 1:
+        if self.kv_heads < 1 or self.heads % self.kv_heads:
             raise UserError(f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}")
         for name in ("contexts", "batches"):
             values = getattr(self, name)

@@ -215,7 +215,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("show", help="describe and draw one micro-batch of a placement")
     add_placement_args(p)
-    p.add_argument("--png", type=picture_path, help="picture of one micro-batch (.png or .svg)")
+    p.add_argument("--png", type=picture_path, help="picture of one micro-batch (.png, .svg or .pdf)")
     p.add_argument(
         "--export", type=output_path, help="write the placement as JSON (a starting point for your own)"
     )
@@ -230,7 +230,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--schedule", "-s", default="all", choices=[*BASELINES, "all"], help="which baseline (default all)"
     )
-    p.add_argument("--png", type=picture_path, help="Gantt chart (.png or .svg), for a single schedule")
+    p.add_argument("--png", type=picture_path, help="Gantt chart (.png, .svg or .pdf), for a single schedule")
     p.add_argument("--trace", type=output_path, help="Chrome trace / Perfetto JSON, for a single schedule")
     p.add_argument(
         "--save", type=output_path, help="write the schedule JSON (validate it with `lmexec tessel validate`)"

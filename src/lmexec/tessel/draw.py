@@ -39,7 +39,7 @@ def _runs(devices: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def draw_gantt(schedule: Schedule, path: str | Path, title: str | None = None) -> Path:
-    """Write the schedule's Gantt chart to ``path`` (format from the suffix: .png or .svg)."""
+    """Write the schedule's Gantt chart to ``path`` (format from the suffix: .png, .svg or .pdf)."""
     path = Path(path)
     placement = schedule.placement
     devices = placement.num_devices

@@ -136,9 +136,11 @@ class Schedule:
         p = self.placement
         out: list[Violation] = []
         seen: dict[tuple[str, int], Task] = {}
+        bad_start: set[tuple[str, int]] = set()
         for task in self.tasks:
             key = (task.block, task.micro_batch)
             if not math.isfinite(task.start):
+                bad_start.add(key)
                 out.append(Violation("bad-start", f"{task.label()} starts at {task.start} (not a finite time)",
                                      (task.label(),)))  # fmt: skip
                 continue
@@ -159,7 +161,7 @@ class Schedule:
             seen[key] = task
         for m in range(self.num_micro_batches):
             for block in p.blocks:
-                if (block.name, m) not in seen:
+                if (block.name, m) not in seen and (block.name, m) not in bad_start:
                     out.append(Violation("missing", f"{block.name}#{m} never runs", (f"{block.name}#{m}",)))
         for (name, m), task in seen.items():
             for dep in p.block(name).after:

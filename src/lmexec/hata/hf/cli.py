@@ -58,7 +58,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--dense-layers", type=int, default=2, help="leading layers kept dense (default: 2)")
     ev.add_argument("--sink", type=int, default=0, help="first tokens always attended (default: 0)")
     ev.add_argument("--recent", type=int, default=1, help="last tokens always attended (default: 1)")
-    ev.add_argument("--bits", type=int, default=128, help="hash code bits for hata/simhash (default: 128)")
+    ev.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        help="hash code bits (default: a --hata-weights file's own width; 128 for simhash and the shipped weights)",
+    )
     ev.add_argument(
         "--hata-weights", default=None, help="learned projections (default: the file shipped for the model)"
     )

@@ -20,6 +20,7 @@ import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.budget import Budget
+from lmexec.hata.codes import check_bits
 from lmexec.hata.hf.attention import register
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.selection import METHODS, Hata, SelectionMethod, SimHash
@@ -92,9 +93,13 @@ def make_method(
     if method != "hata":
         if weights is not None:
             raise UserError(f"weights only apply to method 'hata', not {method!r}")
-        return SimHash(bits=bits or DEFAULT_BITS) if method == "simhash" else METHODS[method]()
+        return (
+            SimHash(bits=DEFAULT_BITS if bits is None else bits) if method == "simhash" else METHODS[method]()
+        )
     if weights is None:
-        weights = default_weights_file(model, bits or DEFAULT_BITS) if model is not None else None
+        weights = (
+            default_weights_file(model, DEFAULT_BITS if bits is None else bits) if model is not None else None
+        )
         if weights is None:
             raise UserError(
                 "method 'hata' needs learned hash weights: pass weights=FILE (from `lmexec hata train`) "
@@ -110,7 +115,9 @@ def make_method(
         )
     if not isinstance(weights, dict):
         raise UserError(f"weights must be a file path or {{layer: tensor}}, got {type(weights).__name__}")
-    hata = Hata(dict(weights), bits=bits or 0)  # explicit bits must match the projections' width
+    hata = Hata(
+        dict(weights), bits=0 if bits is None else check_bits(bits)
+    )  # explicit bits must match the projections' width
     missing = [layer for layer in range(dense_layers, shape.n_layers) if layer not in weights]
     if missing:
         raise UserError(

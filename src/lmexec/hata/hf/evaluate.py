@@ -40,7 +40,8 @@ class EvalConfig:
     dense_layers: int = 2
     sink: int = 0
     recent: int = 1
-    bits: int = 128
+    bits: int | None = None
+    """Code width: ``None`` = the weights file's own (hata), 128 for simhash and the shipped file."""
     hata_weights: str | None = None
     lm_steps: int = 32
     seed: int = 0
@@ -131,9 +132,9 @@ def run_eval(config: EvalConfig, progress: Progress | None = None) -> dict[str, 
         raise UserError(f"--dense-layers {config.dense_layers} exceeds the model's {shape.n_layers} layers")
     weights_file = None
     if "hata" in config.methods:
-        from lmexec.hata.hf.enable import default_weights_file
+        from lmexec.hata.hf.enable import DEFAULT_BITS, default_weights_file
 
-        weights_file = config.hata_weights or default_weights_file(model, config.bits)
+        weights_file = config.hata_weights or default_weights_file(model, config.bits or DEFAULT_BITS)
     methods = {
         name: make_method(
             name, shape, config.dense_layers, weights_file if name == "hata" else None, config.bits, model

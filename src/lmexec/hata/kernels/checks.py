@@ -43,6 +43,12 @@ def check_encode(x: torch.Tensor, w: torch.Tensor) -> None:
     _fail("encode", problems)
 
 
+def check_projection(w: torch.Tensor, h_kv: int, d: int, words: int) -> None:
+    """``W [H_kv, d, bits]`` for codes of ``words`` 64-bit words (the fused step reads it unchecked)."""
+    if w.dim() != 3 or tuple(w.shape[:2]) != (h_kv, d) or not 0 < w.shape[2] <= 64 * words:
+        _fail("hamming_topk_attention", [f"W {list(w.shape)} must be [{h_kv}, {d}, bits <= {64 * words}]"])
+
+
 def check_codes(
     query_codes: torch.Tensor,
     key_codes: Rows,

@@ -27,7 +27,7 @@ class Hata(HashSelection):
         if self.weights is None:
             raise UserError(
                 "the 'hata' method needs learned hash weights (--hata-weights FILE); "
-                "they come from `lmexec hata train` (not available yet)"
+                "they come from `lmexec hata train`"
             )
         if isinstance(self.weights, dict) and not self.weights:
             raise UserError("hash weights hold no layers: give {layer: W [n_kv_heads, head_dim, bits]}")

@@ -95,7 +95,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trace", type=output_path, help="Chrome trace: planned and measured timeline per schedule"
     )
-    p.add_argument("--png", type=picture_path, help="planned vs measured Gantt picture (.png/.svg)")
+    p.add_argument("--png", type=picture_path, help="planned vs measured Gantt picture (.png, .svg or .pdf)")
     p.add_argument(
         "--profile-out",
         type=output_path,
