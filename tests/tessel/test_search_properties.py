@@ -27,15 +27,20 @@ def placements(draw) -> Placement:
             on = (draw(st.integers(0, devices - 1)),)
         after = tuple(f"b{j}" for j in sorted(draw(st.sets(st.integers(0, i - 1), max_size=2)))) if i else ()
         duration = draw(st.sampled_from([1.0, 2.0, 3.0, 0.5, 1.5]))
-        memory = 0.0 if neutral else float(draw(st.integers(-2, 2)))
+        memory = 0.0 if neutral else float(draw(st.integers(0, 2)))  # frees only in pairs (below)
         blocks.append(Block(f"b{i}", BlockKind.FORWARD, duration, memory, on, after))
-    if neutral:  # pair allocations with later releases on the same devices
+    if (
+        neutral
+    ):  # pair allocations with later releases on the same devices (a release depends on its allocation)
         for i in range(0, count - 1, 2):
             j = draw(st.integers(i + 1, count - 1))
-            if set(blocks[i].devices) <= set(blocks[j].devices) or blocks[i].devices == blocks[j].devices:
+            if blocks[i].devices == blocks[j].devices:
                 amount = float(draw(st.integers(1, 2)))
+                after = tuple(dict.fromkeys((*blocks[j].after, f"b{i}")))
                 blocks[i] = Block(**{**blocks[i].__dict__, "memory": blocks[i].memory + amount})
-                blocks[j] = Block(**{**blocks[j].__dict__, "memory": blocks[j].memory - amount})
+                blocks[j] = Block(
+                    **{**blocks[j].__dict__, "memory": blocks[j].memory - amount, "after": after}
+                )
     free = Placement("random", devices, tuple(blocks))
     capacity = []
     for d in range(devices):

@@ -133,6 +133,7 @@ class Placement:
                 if dep == block.name:
                     raise UserError(f"{where}: block {block.name!r} depends on itself")
         _ = self.topological_order  # raises on a cycle
+        self._check_frees(where)
         for device, (cap, static) in enumerate(zip(self.capacity, self.static_memory, strict=True)):
             need = self.min_peak_memory[device]
             if need > cap + 1e-9:
@@ -140,6 +141,24 @@ class Placement:
                     f"{where}: one micro-batch alone needs memory {need:g} on device {device} "
                     f"(static {static:g}) but its capacity is {cap:g}"
                 )
+
+    def _check_frees(self, where: str) -> None:
+        """A block may free only what the blocks it (transitively) depends on took on the same device:
+        otherwise memory would go below zero, and the search could 'fit' more micro-batches by it."""
+        scale = max((abs(b.memory) for b in self.blocks), default=0.0)
+        ancestors: dict[str, set[str]] = {}
+        for name in self.topological_order:
+            block = self.block(name)
+            ancestors[name] = set().union(*({a} | ancestors[a] for a in block.after))
+            if block.memory >= 0:
+                continue
+            for device in block.devices:
+                before = sum(self.block(a).memory for a in ancestors[name] if device in self.block(a).devices)
+                if before + block.memory < -1e-9 * scale:
+                    raise UserError(
+                        f"{where}: block {name!r} frees {-block.memory:g} on device {device}, but the blocks "
+                        f"it depends on took only {before:g} there"
+                    )
 
     @cached_property
     def index(self) -> dict[str, int]:
