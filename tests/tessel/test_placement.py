@@ -100,8 +100,14 @@ def _with_block(index, **changes):
         (_with_block(1, duration="1"), "'duration' must be a number"),
         (_with_block(1, colour="red"), "unknown key"),
         (_doc(capacity=[0.5, 4]), "needs memory 1 on device 0"),
-        (_with_block(3, memory=-2), "block 'b0' frees 2 on device 0, but the blocks it depends on took only 1"),
-        (_with_block(2, after=[]), "block 'b1' frees 1 on device 1, but the blocks it depends on took only 0"),
+        (
+            _with_block(3, memory=-2),
+            "block 'b0' frees 2 on device 0, but the blocks it depends on took only 1",
+        ),
+        (
+            _with_block(2, after=[]),
+            "block 'b1' frees 1 on device 1, but the blocks it depends on took only 0",
+        ),
         (_doc(capacity=[4, 4, 4]), "lists 3 values but the placement has 2 devices"),
         (_doc(devices=0), "'devices' must be a positive integer"),
         (_doc(blocks="f0"), "'blocks' must be a list"),
