@@ -146,17 +146,18 @@ class Placement:
         """A block may free only what the blocks it (transitively) depends on took on the same device:
         otherwise memory would go below zero, and the search could 'fit' more micro-batches by it."""
         scale = max((abs(b.memory) for b in self.blocks), default=0.0)
-        ancestors: dict[str, set[str]] = {}
-        for name in self.topological_order:
-            block = self.block(name)
-            ancestors[name] = set().union(*({a} | ancestors[a] for a in block.after))
+        for block in self.blocks:
             if block.memory >= 0:
                 continue
             for device in block.devices:
-                before = sum(self.block(a).memory for a in ancestors[name] if device in self.block(a).devices)
+                before = sum(
+                    self.block(a).memory
+                    for a in self.ancestors[block.name]
+                    if device in self.block(a).devices
+                )
                 if before + block.memory < -1e-9 * scale:
                     raise UserError(
-                        f"{where}: block {name!r} frees {-block.memory:g} on device {device}, but the blocks "
+                        f"{where}: block {block.name!r} frees {-block.memory:g} on device {device}, but the blocks "
                         f"it depends on took only {before:g} there"
                     )
 

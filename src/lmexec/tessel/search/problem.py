@@ -78,9 +78,6 @@ def _balanced_deltas(placement: Placement, memory: Scale) -> tuple[int, ...]:
     if memory.exact:
         return tuple(delta)
     index = placement.index
-    ancestors: dict[str, set[str]] = {}
-    for name in placement.topological_order:
-        ancestors[name] = set().union(*({a} | ancestors[a] for a in placement.block(name).after))
     asks: dict[str, list[int]] = {}
     for device in range(placement.num_devices):
         grouped: set[str] = set()
@@ -89,7 +86,7 @@ def _balanced_deltas(placement: Placement, memory: Scale) -> tuple[int, ...]:
             if device not in block.devices or block.memory >= 0 or name in grouped:
                 continue
             group = [block] + [
-                placement.block(a) for a in ancestors[name]
+                placement.block(a) for a in placement.ancestors[name]
                 if a not in grouped and device in placement.block(a).devices and placement.block(a).memory != 0
             ]  # fmt: skip
             grouped.update(b.name for b in group)
