@@ -61,8 +61,10 @@ def model_shape(model: Any) -> ModelShape:
     return ModelShape(family, config.num_hidden_layers, n_heads, n_kv, head_dim)
 
 
-def default_weights_file(model: Any, bits: int = DEFAULT_BITS) -> Path | None:
-    """The learned projections shipped for this model (``hata/data/<name>-<bits>.safetensors``), if any."""
+def default_weights_file(model: Any, bits: int | None = None) -> Path | None:
+    """The learned projections shipped for this model (``hata/data/<name>-<bits>.safetensors``, ``bits``
+    default 128), if any."""
+    bits = DEFAULT_BITS if bits is None else bits
     name = Path(str(getattr(model.config, "name_or_path", "") or "")).name.lower()
     for candidate in (name, "smollm2" if "smollm2" in name else ""):
         if candidate:
@@ -97,9 +99,7 @@ def make_method(
             SimHash(bits=DEFAULT_BITS if bits is None else bits) if method == "simhash" else METHODS[method]()
         )
     if weights is None:
-        weights = (
-            default_weights_file(model, DEFAULT_BITS if bits is None else bits) if model is not None else None
-        )
+        weights = default_weights_file(model, bits) if model is not None else None
         if weights is None:
             raise UserError(
                 "method 'hata' needs learned hash weights: pass weights=FILE (from `lmexec hata train`) "

@@ -132,9 +132,9 @@ def run_eval(config: EvalConfig, progress: Progress | None = None) -> dict[str, 
         raise UserError(f"--dense-layers {config.dense_layers} exceeds the model's {shape.n_layers} layers")
     weights_file = None
     if "hata" in config.methods:
-        from lmexec.hata.hf.enable import DEFAULT_BITS, default_weights_file
+        from lmexec.hata.hf.enable import default_weights_file
 
-        weights_file = config.hata_weights or default_weights_file(model, config.bits or DEFAULT_BITS)
+        weights_file = config.hata_weights or default_weights_file(model, config.bits)
     methods = {
         name: make_method(
             name, shape, config.dense_layers, weights_file if name == "hata" else None, config.bits, model

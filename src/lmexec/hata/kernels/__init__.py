@@ -243,7 +243,8 @@ def hamming_topk_attention(
     three elsewhere. The per-token inputs may be the cache's :class:`GrowableBuffer` s themselves, which
     lets the CPU kernel reuse its view of them across steps."""
     checks.check_attention(query, keys, values, valid=valid, key_codes=key_codes)
-    checks.check_projection(w, _storage(key_codes).shape[1], query.shape[2], _storage(key_codes).shape[3])
+    _, h_kv, _, words = _storage(key_codes).shape
+    checks.check_projection(w, h_kv, query.shape[2], words)
     if k <= 0:
         return query.new_zeros(*query.shape[:2], values.shape[3])
     if backend_for(_storage(key_codes)) == "numba" and backend_for(_storage(keys)) == "numba":

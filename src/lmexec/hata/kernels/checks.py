@@ -43,10 +43,15 @@ def check_encode(x: torch.Tensor, w: torch.Tensor) -> None:
     _fail("encode", problems)
 
 
+def _projection_problems(w: torch.Tensor, h_kv: int, d: int, words: int) -> list[str]:
+    if w.dim() != 3 or tuple(w.shape[:2]) != (h_kv, d) or not 0 < w.shape[2] <= 64 * words:
+        return [f"W {list(w.shape)} must be [{h_kv}, {d}, bits <= {64 * words}]"]
+    return []
+
+
 def check_projection(w: torch.Tensor, h_kv: int, d: int, words: int) -> None:
     """``W [H_kv, d, bits]`` for codes of ``words`` 64-bit words (the fused step reads it unchecked)."""
-    if w.dim() != 3 or tuple(w.shape[:2]) != (h_kv, d) or not 0 < w.shape[2] <= 64 * words:
-        _fail("hamming_topk_attention", [f"W {list(w.shape)} must be [{h_kv}, {d}, bits <= {64 * words}]"])
+    _fail("hamming_topk_attention", _projection_problems(w, h_kv, d, words))
 
 
 def check_codes(
@@ -113,13 +118,11 @@ def check_append(
     """The append kernel writes unchecked: refuse shapes it would write out of bounds with."""
     b, h, _, d = keys.data.shape
     words = codes.data.shape[3]
-    problems = []
+    problems = _projection_problems(w, h, d, words)
     if not 0 <= start <= keys.length <= codes.capacity:
         problems.append(f"keys {start}..{keys.length} do not fit codes of capacity {codes.capacity}")
-    if tuple(codes.data.shape[:2]) != (b, h) or w.dim() != 3 or tuple(w.shape[:2]) != (h, d):
-        problems.append(f"codes {list(codes.data.shape)} or W {list(w.shape)} do not match keys {[b, h, d]}")
-    elif not 0 < w.shape[2] <= 64 * words:
-        problems.append(f"{w.shape[2]}-bit W does not fit {words} code words")
+    if tuple(codes.data.shape[:2]) != (b, h):
+        problems.append(f"codes {list(codes.data.shape)} do not match keys {[b, h, d]}")
     if blocks is not None and (
         tuple(blocks.data.shape[:2]) != (b, h)
         or blocks.data.shape[3] != block_bytes
