@@ -58,12 +58,26 @@ def test_bytes_per_method():
         (["--kernels", "cuda"], "--kernels must be one of"),
         (["--evict-mb", "-1"], "--evict-mb must be >= 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
+        (["--device", "tpu"], "--device must be one of cpu, cuda"),
     ],
 )
 def test_bench_bad_flags(capsys, flags, message):
     assert main(["hata", "bench", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert main(["hata", "bench", "--device", "cuda"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_default_eviction_depends_on_the_device():
+    from lmexec.hata.bench import EVICT_MB
+
+    assert BenchConfig().evict == EVICT_MB["cpu"] and BenchConfig(device="cuda").evict == EVICT_MB["cuda"]
+    assert BenchConfig(evict_mb=0, device="cuda").evict == 0
 
 
 def test_every_timed_step_starts_after_an_eviction_and_methods_interleave(monkeypatch):
@@ -74,7 +88,7 @@ def test_every_timed_step_starts_after_an_eviction_and_methods_interleave(monkey
     from lmexec.hata.budget import Budget
 
     calls = []
-    monkeypatch.setattr(bench, "_evict", lambda mib: calls.append(mib))
+    monkeypatch.setattr(bench, "_evict", lambda mib, device: calls.append((mib, device)))
     order = []
     timed = bench._Stepper.timed
     monkeypatch.setattr(bench._Stepper, "timed", lambda self: (order.append(self.name), timed(self))[1])
@@ -84,5 +98,5 @@ def test_every_timed_step_starts_after_an_eviction_and_methods_interleave(monkey
     assert [len(times[m][0]) for m in ("dense", "hata")] == [3, 3]
     assert order == ["dense", "hata", "hata", "dense", "dense", "hata"]
     steps = 2 * (cfg.warmup + cfg.repeats)
-    assert calls == [7] * (2 + steps)  # one reset per stepper before the warm-up, one after every step
+    assert calls == [(7, "cpu")] * (2 + steps)  # one reset per stepper before the warm-up, one after every step
     assert case.keys.length == case.values.length == 200  # the cache is left as it was

@@ -47,6 +47,9 @@ from lmexec.hata.selection.base import SelectionMethod
 METHODS = ("dense", "hata", "quest", "loki")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER = 5  # any sparse layer index; the methods keep per-layer state under it
+EVICT_MB = {"cpu": 64, "cuda": 512}
+"""Default MiB read between steps: several times the last-level cache (this machine's L3; 50-60 MB of L2
+on an H100/H200)."""
 
 
 @dataclass
@@ -70,9 +73,12 @@ class BenchConfig:
     """Rows whose K+V would exceed this are skipped (reported as skipped)."""
     seed: int = 0
     kernels: str = "auto"
-    evict_mb: int = 64
+    evict_mb: int | None = None
     """Before every step (untimed) read this many MiB elsewhere, so each step starts with cold caches,
-    as a layer's step does in a model whose other layers ran since (0: leave the caches warm)."""
+    as a layer's step does in a model whose other layers ran since (0: leave the caches warm; None:
+    ``EVICT_MB`` of the device, several times its last-level cache)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda``: where the cache lives and the kernels run (numba on CPU, Triton on CUDA)."""
     huge_pages: bool = True
     """Back the K/V buffers with 2 MiB pages (``madvise``) as a serving engine would; every method,
     dense included, reads the same buffers."""
@@ -93,12 +99,21 @@ class BenchConfig:
             if not values or any(v < 1 for v in values):
                 raise UserError(f"--{name} must be positive whole numbers, got {values}")
         for flag, value, least in (("head-dim", self.head_dim, 1), ("repeats", self.repeats, 1),
-                                   ("warmup", self.warmup, 0), ("evict-mb", self.evict_mb, 0),
+                                   ("warmup", self.warmup, 0), ("evict-mb", self.evict_mb or 0, 0),
                                    ("threads", self.threads, 0)):  # fmt: skip
             if value < least:
                 raise UserError(f"--{flag} must be >= {least}, got {value}")
         if self.kernels not in kernels.BACKENDS:
             raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
+        if self.device not in EVICT_MB:
+            raise UserError(f"--device must be one of {', '.join(EVICT_MB)}, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA GPU on this machine")
+
+    @property
+    def evict(self) -> int:
+        """MiB read before each step (``evict_mb``, or the device's default)."""
+        return EVICT_MB[self.device] if self.evict_mb is None else self.evict_mb
 
 
 @dataclass
@@ -125,14 +140,22 @@ class Row:
         return self.median_ms / self.bound_ms
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a wall-clock interval covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7, device: str = "cpu") -> float:
     """Streaming-read bandwidth in bytes/s: best of ``repeats`` ``torch.sum`` over a ``gib`` GiB tensor."""
-    x = torch.ones(int(gib * 2**30) // 4)
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
     x.sum()
     best = math.inf
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 
@@ -158,21 +181,22 @@ class _Case:
     """One (dtype, batch, context) cache shared by every method (each keeps its own features)."""
 
     def __init__(self, cfg: BenchConfig, dtype: torch.dtype, batch: int, n: int) -> None:
-        gen = torch.Generator().manual_seed(cfg.seed)
+        device = cfg.device
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
         h, d = cfg.kv_heads, cfg.head_dim
         self.n = n
-        self.keys = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
-        self.values = GrowableBuffer(batch, h, d, dtype, capacity=n + 16, huge_pages=cfg.huge_pages)
+        self.keys = GrowableBuffer(batch, h, d, dtype, device, capacity=n + 16, huge_pages=cfg.huge_pages)
+        self.values = GrowableBuffer(batch, h, d, dtype, device, capacity=n + 16, huge_pages=cfg.huge_pages)
         for buffer, shift in ((self.keys, 0.3), (self.values, 0.0)):
             chunk = 8192
             for start in range(0, n, chunk):  # fill in slices: no full-size float32 temporary
                 stop = min(n, start + chunk)
-                part = torch.randn(batch, h, stop - start, d, generator=gen) + shift
+                part = torch.randn(batch, h, stop - start, d, generator=gen, device=device) + shift
                 buffer.data[:, :, start:stop] = part.to(dtype)
             buffer.length = n
-        self.query = torch.randn(batch, cfg.heads, d, generator=gen).to(dtype)
-        self.new_k = torch.randn(batch, h, 1, d, generator=gen).to(dtype)
-        self.new_v = torch.randn(batch, h, 1, d, generator=gen).to(dtype)
+        self.query = torch.randn(batch, cfg.heads, d, generator=gen, device=device).to(dtype)
+        self.new_k = torch.randn(batch, h, 1, d, generator=gen, device=device).to(dtype)
+        self.new_v = torch.randn(batch, h, 1, d, generator=gen, device=device).to(dtype)
 
     def cache(self) -> LayerCache:
         return LayerCache(self.keys, self.values)
@@ -183,7 +207,7 @@ def _method(name: str, cfg: BenchConfig, case: _Case) -> SelectionMethod | None:
         return None
     if name == "hata":
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # random W: the speed of learned W is the same
-        return Hata(weights=torch.randn(cfg.kv_heads, cfg.head_dim, cfg.bits, generator=gen))
+        return Hata(weights=torch.randn(cfg.kv_heads, cfg.head_dim, cfg.bits, generator=gen).to(cfg.device))
     if name == "quest":
         return Quest(page=16)
     basis = fit_basis(case.keys.data[:1, :, : min(case.n, 8192)])
@@ -193,15 +217,16 @@ def _method(name: str, cfg: BenchConfig, case: _Case) -> SelectionMethod | None:
 _EVICT = torch.empty(0)
 
 
-def _evict(mib: int) -> None:
+def _evict(mib: int, device: str = "cpu") -> None:
     """Read ``mib`` MiB (more than the last-level cache) so the next step finds its data in DRAM. A read,
     not a write: written lines would be dirty, and the timed step would pay for writing them back."""
     global _EVICT
     if mib <= 0:
         return
-    if _EVICT.numel() != mib * 2**18:
-        _EVICT = torch.ones(mib * 2**18)
+    if _EVICT.numel() != mib * 2**18 or _EVICT.device.type != device:
+        _EVICT = torch.ones(mib * 2**18, device=device)
     _EVICT.sum()
+    sync(device)
 
 
 class _Stepper:
@@ -240,7 +265,7 @@ class _Stepper:
         self.case.keys.length = self.case.values.length = self.case.n
         for key, length in self.lengths.items():
             self.cache.extras[key].length = length
-        _evict(self.cfg.evict_mb)
+        _evict(self.cfg.evict, self.cfg.device)
 
     def timed(self) -> tuple[float, float]:
         """Wall-clock and process CPU milliseconds of one step (CPU time sums all threads, so
@@ -248,6 +273,7 @@ class _Stepper:
         c = time.process_time()
         t = time.perf_counter()
         self.step()
+        sync(self.cfg.device)
         wall = (time.perf_counter() - t) * 1e3
         cpu = (time.process_time() - c) * 1e3
         self.reset()
@@ -284,8 +310,14 @@ def run_methods(
         case.keys.length = case.values.length = case.n
 
 
-def machine() -> dict[str, object]:
-    info: dict[str, object] = {"cores": os.cpu_count(), "torch": torch.__version__}
+def machine(device: str = "cpu") -> dict[str, object]:
+    info: dict[str, object] = {"cores": os.cpu_count(), "torch": torch.__version__, "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        if kernels.triton_available():
+            import triton
+
+            info["triton"] = triton.__version__
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -312,7 +344,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     note = progress or (lambda _msg: None)
     load_start = load_average()
-    bandwidth = [measure_bandwidth()]
+    bandwidth = [measure_bandwidth(device=cfg.device)]
     rows: list[Row] = []
     skipped = []
     with kernels.use_backend(cfg.kernels):
@@ -353,7 +385,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                             )
                         )
                     del case
-    bandwidth.append(measure_bandwidth())
+    bandwidth.append(measure_bandwidth(device=cfg.device))
     best = max(bandwidth)
     for row in rows:
         row.bound_ms = row.bytes / best * 1e3
@@ -373,7 +405,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     return {
         "config": asdict(cfg),
         "machine": {
-            **machine(),
+            **machine(cfg.device),
             "threads": threads,
             "load_average_start": load_start,
             "load_average_end": load_average(),

@@ -45,9 +45,15 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--evict-mb",
         type=int,
-        default=64,
+        default=None,
         help="MiB read (untimed) before each step so it starts with cold caches, as in a model; 0: warm "
-        "(default: 64)",
+        "(default: 64 on CPU, 512 on CUDA)",
+    )
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        help="where the cache lives: cpu (numba kernels) or cuda (Triton kernels, synchronised timing) "
+        "(default: cpu)",
     )
     bench.add_argument(
         "--max-cache-gib", type=float, default=12.0, help="skip rows whose K+V exceed this (default: 12)"
@@ -110,13 +116,15 @@ def _bench(args: argparse.Namespace) -> int:
         max_cache_gib=args.max_cache_gib,
         kernels=args.kernels,
         huge_pages=args.huge_pages,
+        device=args.device,
     )
     cfg.validate()
     result = run_bench(cfg, lambda msg: console.print(msg, style="dim"))
     m = result["machine"]
     print_table(
         f"HATA decode, one layer: {cfg.heads}/{cfg.kv_heads} heads, d={cfg.head_dim}, {cfg.bits}-bit codes, "
-        f"budget {args.budget}; bandwidth {result['bandwidth_used_gbs']:.1f} GB/s; {m['threads']} threads; "
+        f"budget {args.budget}; {m.get('gpu', 'CPU')}; bandwidth {result['bandwidth_used_gbs']:.1f} GB/s; "
+        f"{m['threads']} threads; "
         f"load {m['load_average_start']} -> {m['load_average_end']}",
         (
             "dtype",

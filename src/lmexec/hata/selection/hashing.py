@@ -29,6 +29,16 @@ class HashSelection(SelectionMethod):
     def projection(self, layer: int, kv_heads: int, head_dim: int) -> torch.Tensor:
         """``W [H_kv, d, bits]`` of ``layer``."""
 
+    def projection_on(self, layer: int, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
+        """:meth:`projection` on ``device``, copied there once and kept: a decode step on a GPU must not
+        copy W from host memory (a transfer and a synchronisation) every layer."""
+        copies: dict[tuple[int, int, int, torch.device], torch.Tensor] = self.__dict__.setdefault("_copies", {})
+        key = (layer, kv_heads, head_dim, torch.device(device))
+        w = copies.get(key)
+        if w is None:
+            w = copies[key] = self.projection(layer, kv_heads, head_dim).to(device)
+        return w
+
     def _codes(self, cache: LayerCache):
         return cache.extra(f"{self.name}_codes", n_words(self.bits), torch.int64)
 
@@ -50,7 +60,7 @@ class HashSelection(SelectionMethod):
         n_blocks = -(-length // kernels.CODE_BLOCK_KEYS)
         if blocks is not None:
             blocks.reserve(n_blocks)
-        w = self.projection(layer, keys.data.shape[1], keys.data.shape[3]).to(keys.data.device)
+        w = self.projection_on(layer, keys.data.shape[1], keys.data.shape[3], keys.data.device)
         kernels.append_codes(keys, start, w, rows, blocks)  # codes of keys start..keys.length
         rows.length = length
         if blocks is not None:
@@ -59,7 +69,7 @@ class HashSelection(SelectionMethod):
     def query_codes(self, query: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
         """Codes of decode queries ``[B, H_q, d]`` -> ``[B, H_kv, G, words]`` (head h uses KV head h // G)."""
         b, h_q, d = query.shape
-        w = self.projection(layer, kv_heads, d).to(query.device)
+        w = self.projection_on(layer, kv_heads, d, query.device)
         return kernels.encode(query.reshape(b, kv_heads, h_q // kv_heads, d), w)
 
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
@@ -93,7 +103,7 @@ class HashSelection(SelectionMethod):
         """Encode + select + attend in one fused kernel where there is one (CPU). The cache's buffers go
         to the kernel as they are (not views), so the CPU kernel reuses its handle on them every step."""
         codes, valid, blocks = self._key_inputs(cache)
-        w = self.projection(layer, codes.data.shape[1], query.shape[2]).to(query.device)
+        w = self.projection_on(layer, codes.data.shape[1], query.shape[2], query.device)
         return kernels.hamming_topk_attention(
             query, w, codes, cache.key_buffer, cache.value_buffer, budget.tokens(codes.length), budget.sink,
             budget.recent, valid, scale, key_blocks=blocks,
