@@ -15,10 +15,10 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not 
 pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
+from test_hf import greedy, hash_weights, tiny  # noqa: E402  (tests/hata is on sys.path)
+
 from lmexec.hata import enable  # noqa: E402
 from lmexec.hata.kernels import gpu  # noqa: E402
-
-from test_hf import greedy, hash_weights, tiny  # noqa: E402  (tests/hata is on sys.path)
 
 
 def _decode(model, ids, handle, steps=8):

@@ -98,5 +98,7 @@ def test_every_timed_step_starts_after_an_eviction_and_methods_interleave(monkey
     assert [len(times[m][0]) for m in ("dense", "hata")] == [3, 3]
     assert order == ["dense", "hata", "hata", "dense", "dense", "hata"]
     steps = 2 * (cfg.warmup + cfg.repeats)
-    assert calls == [(7, "cpu")] * (2 + steps)  # one reset per stepper before the warm-up, one after every step
+    assert calls == [(7, "cpu")] * (
+        2 + steps
+    )  # one reset per stepper before the warm-up, one after every step
     assert case.keys.length == case.values.length == 200  # the cache is left as it was

@@ -32,7 +32,9 @@ class HashSelection(SelectionMethod):
     def projection_on(self, layer: int, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
         """:meth:`projection` on ``device``, copied there once and kept: a decode step on a GPU must not
         copy W from host memory (a transfer and a synchronisation) every layer."""
-        copies: dict[tuple[int, int, int, torch.device], torch.Tensor] = self.__dict__.setdefault("_copies", {})
+        copies: dict[tuple[int, int, int, torch.device], torch.Tensor] = self.__dict__.setdefault(
+            "_copies", {}
+        )
         key = (layer, kv_heads, head_dim, torch.device(device))
         w = copies.get(key)
         if w is None:
