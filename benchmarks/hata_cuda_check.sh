@@ -15,10 +15,10 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} TRITON_INTERPRET=0 PYTHONUNBUFF
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton, transformers, numba; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'numba', numba.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/hata/test_kernels_triton.py tests/hata/test_cuda.py \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/hata/test_kernels_triton.py tests/hata/test_cuda.py \
     2>&1 | tee "$OUT/tests.log"
-timeout 200 python3 -m lmexec hata bench --device cuda --contexts 8192,32768,131072 --batch 1,8 --heads 32 \
+timeout 180 python3 -m lmexec hata bench --device cuda --contexts 8192,32768,131072 --batch 1,8 --heads 32 \
     --kv-heads 8 --head-dim 128 --bits 128 --budget 2048 --dtype float32,bfloat16 --methods dense,hata,quest,loki \
     --json "$OUT/bench_cuda.json" --png "$OUT/bench_cuda.png" 2>&1 | tee "$OUT/bench.log"
-timeout 100 python3 benchmarks/hata_cuda_profile.py --contexts 131072 --batch 1,8 --dtype float32,bfloat16 \
+timeout 90 python3 benchmarks/hata_cuda_profile.py --contexts 131072 --batch 1,8 --dtype float32,bfloat16 \
     --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
