@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-M1 = 0x5555555555555555
-M2 = 0x3333333333333333
-M4 = 0x0F0F0F0F0F0F0F0F
-H01 = 0x0101010101010101
+# SWAR popcount masks; compiled kernels may read a global only when it is a tl.constexpr (the
+# interpreter does not enforce this: only a GPU run showed it)
+M1 = tl.constexpr(0x5555555555555555)
+M2 = tl.constexpr(0x3333333333333333)
+M4 = tl.constexpr(0x0F0F0F0F0F0F0F0F)
 
 
 @triton.jit
