@@ -78,6 +78,15 @@ def test_topk_equals_reference(gpu, shape):
         assert torch.equal(gpu.hamming_topk(qc, kc, k, 1, 1, valid), ref.hamming_topk(qc, kc, k, 1, 1, valid))
 
 
+def test_topk_over_several_key_blocks(gpu):
+    """Past one program's block of keys (1024) the compaction offsets come from the earlier blocks' counts;
+    32-bit codes tie often, so the ties must still go to the earliest keys across blocks."""
+    _, keys, _, _, qc, kc = _data(1, 2, 3, 2600, 16, 32, seed=5)
+    for k in (1, 700, 1500, 2599):
+        for sink, recent in ((0, 1), (3, 1100)):
+            assert torch.equal(gpu.hamming_topk(qc, kc, k, sink, recent), ref.hamming_topk(qc, kc, k, sink, recent))
+
+
 def test_topk_reads_strided_cache_view(gpu):
     _, keys, _, w, qc, _ = _data(2, 2, 2, 90, 16, 128, seed=4)
     buffer = torch.zeros(2, 2, 200, 2, dtype=torch.int64, device=DEVICE)

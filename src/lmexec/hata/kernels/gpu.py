@@ -6,11 +6,14 @@ triton is imported) against :mod:`.reference`.
 * ``_encode_kernel``: one program per (batch x KV head, block of rows, 64-bit word): ``x @ W[:, 64w:64w+64]``
   with ``tl.dot`` (IEEE fp32), ``>= 0``, shifted and summed into the word (bit order version 1).
 * ``_rank_kernel``: XOR + SWAR popcount of the packed words against the group's query codes, summed over
-  the group, mapped to a rank bin (0 forced, ``1 + distance``, last bin padding) like the CPU kernel.
-  Selection is a counting selection, deterministic and in position order: a histogram of the bins
-  (``torch.bincount``) gives each (batch, KV head) its threshold bin and tie count; ``_count_kernel``
-  counts per block, an exclusive scan gives block offsets, and ``_compact_kernel`` writes the chosen
-  positions (ties to the earlier key), so the result equals the reference exactly.
+  the group, mapped to a rank bin (0 forced, ``1 + distance``, last bin padding) like the CPU kernel,
+  and each block's histogram of the bins (``tl.histogram``) added into the (batch, KV head)'s.
+  Selection is a counting selection, deterministic and in position order, with no host round trip:
+  the histogram gives each (batch, KV head) its threshold bin and tie count; ``_count_kernel`` counts
+  per block, and ``_compact_kernel`` sums the counts of the blocks before its own and writes the chosen
+  positions (ties to the earlier key), so the result equals the reference exactly. (A first version
+  took the histogram with ``torch.bincount``: 1.1 ms of a 2.4 ms step at 128K x batch 8 on an H200,
+  its global atomics all landing on a few bins, plus a host synchronisation.)
 * ``_attention_kernel``: flash-decoding: the index list of a (batch, KV head) is split into chunks, one
   program each; a program gathers its K/V rows by index, runs an online softmax for the group's query
   heads (padded to 16 rows for ``tl.dot``) and writes a partial output with its max and sum; the
@@ -20,10 +23,15 @@ triton is imported) against :mod:`.reference`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.language.extra import libdevice
+
+from lmexec.hata.kernels import triton_interpreting
 
 # SWAR popcount masks; compiled kernels may read a global only when it is a tl.constexpr (the
 # interpreter does not enforce this: only a GPU run showed it)
@@ -59,7 +67,9 @@ def _encode_kernel(x_ptr, w_ptr, out_ptr, N, H, D, R, WORDS, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _popcount(x):
+def _popcount(x, HW_POPCOUNT: tl.constexpr):
+    if HW_POPCOUNT:  # one POPC per 32 bits; the interpreter has no libdevice
+        return libdevice.popc(x)
     x = x - ((x >> 1) & M1)
     x = (x & M2) + ((x >> 2) & M2)
     x = (x + (x >> 4)) & M4
@@ -76,6 +86,7 @@ def _rank_kernel(
     rank_ptr,
     dist_ptr,
     valid_ptr,
+    hist_ptr,
     N,
     H,
     G,
@@ -86,6 +97,9 @@ def _rank_kernel(
     recent,
     pad_bin,
     HAS_VALID: tl.constexpr,
+    STORE_DIST: tl.constexpr,
+    HW_POPCOUNT: tl.constexpr,
+    NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -104,23 +118,39 @@ def _rank_kernel(
     distance = tl.zeros([BLOCK_N], dtype=tl.int32)
     for g in range(G):
         q = tl.load(q_ptr + (bh * G + g) * W + words, mask=words < W, other=0)
-        distance += tl.sum(_popcount(keys ^ q[None, :]), axis=1)
-    tl.store(dist_ptr + bh * N + rows, distance, mask=live)
+        distance += tl.sum(_popcount(keys ^ q[None, :], HW_POPCOUNT), axis=1)
+    if STORE_DIST:
+        tl.store(dist_ptr + bh * N + rows, distance, mask=live)
     rank = distance + 1
     rank = tl.where((rows < sink) | (rows >= N - recent), 0, rank)
     if HAS_VALID:
         ok = tl.load(valid_ptr + b * N + rows, mask=live, other=1)
         rank = tl.where(ok != 0, rank, pad_bin)
     tl.store(rank_ptr + bh * N + rows, rank, mask=live)
+    # this block's share of the (batch, KV head)'s histogram of ranks; rows past N land in the last bin,
+    # which no rank reaches (NBINS > pad_bin + 1) and which is never added
+    hist = tl.histogram(tl.where(live, rank, NBINS - 1), NBINS)
+    bins = tl.arange(0, NBINS)
+    tl.atomic_add(hist_ptr + bh * NBINS + bins, hist, mask=(hist > 0) & (bins < NBINS - 1))
 
 
 @triton.jit
-def _count_kernel(rank_ptr, thr_ptr, counts_ptr, N, NBLOCKS, BLOCK_N: tl.constexpr):
+def _threshold(hist_ptr, bh, K, NBINS: tl.constexpr):
+    """The rank bin where the K-th smallest rank falls and how many of its keys are taken."""
+    hist = tl.load(hist_ptr + bh * NBINS + tl.arange(0, NBINS))
+    cumulative = tl.cumsum(hist, axis=0)
+    threshold = tl.sum((cumulative < K).to(tl.int32), axis=0)
+    below = tl.sum(tl.where(tl.arange(0, NBINS) < threshold, hist, 0), axis=0)
+    return threshold, K - below
+
+
+@triton.jit
+def _count_kernel(rank_ptr, hist_ptr, counts_ptr, N, K, NBLOCKS, NBINS: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     block = tl.program_id(1)
+    threshold, _ = _threshold(hist_ptr, bh, K, NBINS)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rank = tl.load(rank_ptr + bh * N + rows, mask=rows < N, other=2147483647)
-    threshold = tl.load(thr_ptr + bh)
     below = tl.sum((rank < threshold).to(tl.int32), axis=0)
     ties = tl.sum((rank == threshold).to(tl.int32), axis=0)
     tl.store(counts_ptr + (bh * NBLOCKS + block) * 2, below)
@@ -128,15 +158,19 @@ def _count_kernel(rank_ptr, thr_ptr, counts_ptr, N, NBLOCKS, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _compact_kernel(rank_ptr, thr_ptr, need_ptr, offsets_ptr, out_ptr, N, K, NBLOCKS, BLOCK_N: tl.constexpr):
+def _compact_kernel(
+    rank_ptr, hist_ptr, counts_ptr, out_ptr, N, K, NBLOCKS,
+    NBINS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_P2: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(0)
     block = tl.program_id(1)
+    threshold, ties_needed = _threshold(hist_ptr, bh, K, NBINS)
+    earlier = tl.arange(0, BLOCKS_P2)
+    before = earlier < block
+    below_before = tl.sum(tl.load(counts_ptr + (bh * NBLOCKS + earlier) * 2, mask=before, other=0), axis=0)
+    ties_before = tl.sum(tl.load(counts_ptr + (bh * NBLOCKS + earlier) * 2 + 1, mask=before, other=0), axis=0)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rank = tl.load(rank_ptr + bh * N + rows, mask=rows < N, other=2147483647)
-    threshold = tl.load(thr_ptr + bh)
-    ties_needed = tl.load(need_ptr + bh)
-    below_before = tl.load(offsets_ptr + (bh * NBLOCKS + block) * 2)
-    ties_before = tl.load(offsets_ptr + (bh * NBLOCKS + block) * 2 + 1)
     is_below = (rank < threshold).to(tl.int32)
     is_tie = (rank == threshold).to(tl.int32)
     below_excl = below_before + tl.cumsum(is_below, axis=0) - is_below
@@ -172,6 +206,7 @@ def _attention_kernel(
     scale,
     HAS_KEEP: tl.constexpr,
     HAS_VALID: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -206,25 +241,72 @@ def _attention_kernel(
             k_ptr + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + dims[None, :],
             mask=use[:, None] & dmask,
             other=0.0,
-        ).to(tl.float32)
+        )
         v = tl.load(
             v_ptr + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + dims[None, :],
             mask=use[:, None] & dmask,
             other=0.0,
-        ).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_K]
+        )
+        if LOW_PRECISION:  # bf16/fp16 rows: tensor-core products, fp32 accumulation (as dense SDPA)
+            s = tl.dot(q.to(k.dtype), tl.trans(k))
+        else:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_K]
         s = tl.where(use[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        if LOW_PRECISION:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     base = (bh * SPLITS + split) * BLOCK_G
     tl.store(part_ptr + (base + heads[:, None]) * BLOCK_D + dims[None, :], acc)
     tl.store(stats_ptr + (base + heads) * 2, m_i)
     tl.store(stats_ptr + (base + heads) * 2 + 1, l_i)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, stats_ptr, out_ptr, G, D, SPLITS,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Log-sum-exp merge of a (batch, KV head)'s split partials into its query heads' outputs. A head
+    whose every split saw no usable row (max -inf) comes out NaN, as in the reference."""
+    bh = tl.program_id(0)
+    splits = tl.arange(0, BLOCK_S)
+    heads = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    at = (bh * SPLITS + splits[:, None]) * BLOCK_G + heads[None, :]  # [BLOCK_S, BLOCK_G]
+    there = (splits < SPLITS)[:, None]
+    m = tl.load(stats_ptr + at * 2, mask=there, other=float("-inf"))
+    l_sum = tl.load(stats_ptr + at * 2 + 1, mask=there, other=0.0)
+    top = tl.max(m, axis=0)
+    total = tl.sum(l_sum * tl.exp(m - top[None, :]), axis=0)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for split in range(SPLITS):
+        row = (bh * SPLITS + split) * BLOCK_G + heads
+        weight = tl.exp(tl.load(stats_ptr + row * 2) - top)
+        acc += tl.load(part_ptr + row[:, None] * BLOCK_D + dims[None, :]) * weight[:, None]
+    out = acc / total[:, None]
+    tl.store(
+        out_ptr + (bh * G + heads[:, None]) * D + dims[None, :],
+        out,
+        mask=(heads[:, None] < G) & (dims[None, :] < D),
+    )
+
+
+def _tensor_core_rows(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """bf16/fp16 K/V rows are multiplied in their own precision on the tensor cores (fp32 accumulation),
+    as dense SDPA does; fp32 rows in IEEE fp32. Measured on an H200 at 128K x batch 8, bf16 rows widened
+    to fp32 first made the attention kernel 9x slower than on fp32 rows (1.42 vs 0.15 ms). Not under the
+    interpreter, whose ``tl.dot`` gives garbage for bf16 operands (seen with triton 3.9)."""
+    low = (torch.bfloat16, torch.float16)
+    return keys.is_cuda and keys.dtype in low and values.dtype == keys.dtype
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -252,23 +334,33 @@ def _key_strides(key_codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return key_codes, key_codes.stride(0), key_codes.stride(1)
 
 
-def _ranks(query_codes, key_codes, sink, recent, valid):
+def _rank_block(words: int) -> int:
+    """Keys per program of the rank, count and compact kernels (fewer for wide codes: registers)."""
+    return min(1024, 4096 // _pow2(words))
+
+
+def _ranks(query_codes, key_codes, sink, recent, valid, want_distance=False):
+    """Rank bins ``[B*H, N]`` (int32) and their histogram ``[B*H, NBINS]`` (and the distances if asked)."""
     b, h, n, words = key_codes.shape
     g = query_codes.shape[2]
     keys, stride_b, stride_h = _key_strides(key_codes)
     queries = query_codes.contiguous()
     ranks = torch.empty(b * h, n, dtype=torch.int32, device=key_codes.device)
-    distance = torch.empty(b * h, n, dtype=torch.int32, device=key_codes.device)
+    distance = torch.empty(b * h, n, dtype=torch.int32, device=key_codes.device) if want_distance else ranks
     pad_bin = g * words * 64 + 2
+    n_bins = _pow2(pad_bin + 2)  # one spare bin past the padding's, for rows past N
+    hist = torch.zeros(b * h, n_bins, dtype=torch.int32, device=key_codes.device)
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else ranks
-    block_n = 128
-    grid = (b * h, triton.cdiv(n, block_n))
-    _rank_kernel[grid](
+    block = _rank_block(words)
+    grid = (b * h, triton.cdiv(n, block))
+    _launch_rank(
+        grid,
         queries,
         keys,
         ranks,
         distance,
         valid_t,
+        hist,
         n,
         h,
         g,
@@ -279,17 +371,34 @@ def _ranks(query_codes, key_codes, sink, recent, valid):
         recent,
         pad_bin,
         HAS_VALID=valid is not None,
-        BLOCK_N=block_n,
+        STORE_DIST=want_distance,
+        NBINS=n_bins,
+        BLOCK_N=block,
         BLOCK_W=_pow2(words),
     )
-    return ranks, distance, pad_bin + 1
+    return ranks, hist, distance
+
+
+_hw_popcount = [True]
+"""Whether the compiled rank kernel uses libdevice's popcount (cleared if this Triton cannot build it)."""
+
+
+def _launch_rank(grid, *args, **kwargs) -> None:
+    if _hw_popcount[0] and not triton_interpreting():
+        try:
+            _rank_kernel[grid](*args, HW_POPCOUNT=True, **kwargs)
+            return
+        except CompilationError as error:  # an older or newer Triton without libdevice.popc
+            warnings.warn(f"HATA rank kernel without hardware popcount: {error}", stacklevel=3)
+            _hw_popcount[0] = False
+    _rank_kernel[grid](*args, HW_POPCOUNT=False, **kwargs)
 
 
 def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
     b, h, n, _ = key_codes.shape
     if n == 0:
         return torch.zeros(b, h, 0, dtype=torch.int64, device=key_codes.device)
-    _, distance, _ = _ranks(query_codes, key_codes, 0, 0, None)
+    _, _, distance = _ranks(query_codes, key_codes, 0, 0, None, want_distance=True)
     return distance.view(b, h, n).long()
 
 
@@ -301,31 +410,22 @@ def hamming_topk(
     recent: int = 1,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Counting selection in three kernels and no host synchronisation: ranks + histogram, per-block
+    counts below / at the threshold bin, then each block writes its chosen positions at offsets summed
+    from the counts of the blocks before it."""
     b, h, n, _ = key_codes.shape
     k = min(k, n)
     out = torch.empty(b * h, k, dtype=torch.int64, device=key_codes.device)
     if k == 0:
         return out.view(b, h, 0)
-    ranks, _, n_bins = _ranks(query_codes, key_codes, sink, recent, valid)
-    rows = b * h
-    offsets = torch.arange(rows, device=ranks.device)[:, None] * n_bins
-    hist = torch.bincount((ranks.long() + offsets).view(-1), minlength=rows * n_bins).view(rows, n_bins)
-    cumulative = hist.cumsum(dim=1)
-    threshold = (cumulative < k).sum(dim=1)  # first bin whose cumulative count reaches k
-    below = torch.where(
-        threshold > 0,
-        cumulative.gather(1, (threshold - 1).clamp_min(0)[:, None])[:, 0],
-        torch.zeros_like(threshold),
-    )
-    ties_needed = (k - below).to(torch.int32).contiguous()
-    threshold = threshold.to(torch.int32).contiguous()
-    block_n = 128
-    n_blocks = triton.cdiv(n, block_n)
+    ranks, hist, _ = _ranks(query_codes, key_codes, sink, recent, valid)
+    rows, n_bins = hist.shape
+    block = _rank_block(key_codes.shape[3])
+    n_blocks = triton.cdiv(n, block)
     counts = torch.empty(rows, n_blocks, 2, dtype=torch.int32, device=ranks.device)
-    _count_kernel[(rows, n_blocks)](ranks, threshold, counts, n, n_blocks, BLOCK_N=block_n)
-    block_offsets = (counts.cumsum(dim=1) - counts).to(torch.int32).contiguous()
+    _count_kernel[(rows, n_blocks)](ranks, hist, counts, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block)
     _compact_kernel[(rows, n_blocks)](
-        ranks, threshold, ties_needed, block_offsets, out, n, k, n_blocks, BLOCK_N=block_n
+        ranks, hist, counts, out, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block, BLOCKS_P2=_pow2(n_blocks)
     )
     return out.view(b, h, k)
 
@@ -384,14 +484,13 @@ def gather_attention(
         scale,
         HAS_KEEP=keep is not None,
         HAS_VALID=valid is not None,
+        LOW_PRECISION=_tensor_core_rows(keys, values),
         BLOCK_G=block_g,
         BLOCK_K=block_k,
         BLOCK_D=block_d,
     )
-    m, l = stats[..., 0], stats[..., 1]  # [BH, S, BLOCK_G]
-    top = m.max(dim=1, keepdim=True).values
-    weight = torch.exp(m - top)  # NaN only where a whole row was dropped, as in the reference
-    total = (l * weight).sum(dim=1)
-    out = (part * weight[..., None]).sum(dim=1) / total[..., None]
-    out = out[:, :g, :d].reshape(b, h_q, d)
-    return out.to(query.dtype)
+    out = torch.empty(b, h_q, d, dtype=query.dtype, device=query.device)
+    _merge_kernel[(b * h,)](
+        part, stats, out, g, d, splits, BLOCK_S=_pow2(splits), BLOCK_G=block_g, BLOCK_D=block_d
+    )
+    return out
