@@ -15,7 +15,7 @@ if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not 
 pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
-from test_hf import greedy, hash_weights, tiny  # noqa: E402  (tests/hata is on sys.path)
+from test_hf import check_full_budget_equals_dense, hash_weights, tiny  # noqa: E402  (tests/hata is on sys.path)
 
 from lmexec.hata import enable  # noqa: E402
 from lmexec.hata.kernels import gpu  # noqa: E402
@@ -31,16 +31,8 @@ def _decode(model, ids, handle, steps=8):
 
 @pytest.mark.parametrize("method", ["hata", "simhash", "quest", "loki"])
 def test_full_budget_on_cuda_equals_dense(method):
-    model = tiny().cuda()
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(1)).cuda()
-    dense = greedy(model, ids)
-    weights = hash_weights(4) if method == "hata" else None
-    handle = enable(model, weights=weights, budget=4096, method=method, bits=64, dense_layers=1)
-    cache = handle.cache()
-    out = greedy(model, ids, cache=cache)
-    assert torch.equal(out, dense)
-    assert cache.settings.stats["steps"] == (12 - 1) * 3
-    handle.disable()
+    check_full_budget_equals_dense(tiny().cuda(), ids, method)
 
 
 def test_small_budget_on_cuda_runs_the_triton_kernels_and_matches_cpu(monkeypatch):

@@ -84,7 +84,9 @@ def test_topk_over_several_key_blocks(gpu):
     _, keys, _, _, qc, kc = _data(1, 2, 3, 2600, 16, 32, seed=5)
     for k in (1, 700, 1500, 2599):
         for sink, recent in ((0, 1), (3, 1100)):
-            assert torch.equal(gpu.hamming_topk(qc, kc, k, sink, recent), ref.hamming_topk(qc, kc, k, sink, recent))
+            assert torch.equal(
+                gpu.hamming_topk(qc, kc, k, sink, recent), ref.hamming_topk(qc, kc, k, sink, recent)
+            )
 
 
 def test_topk_reads_strided_cache_view(gpu):
