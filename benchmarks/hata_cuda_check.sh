@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot HATA check on a CUDA machine: the Triton kernel tests compiled (not interpreted), HATA inside
-# generate() on the GPU, `lmexec hata bench --device cuda` with the issue's settings, and a profile of
-# where a step's time goes. Logs, JSON and the plot go to $OUT (default /tmp/hata-cuda).
+# generate() on the GPU, `lmexec hata bench --device cuda` with the issue's settings (eager, then CUDA graph
+# replays), and a profile of where a step's time goes. Logs, JSON and the plot go to $OUT (default /tmp/hata-cuda).
 # Run from the repository root with the machine's python3 (torch + triton); a transformers wheel in .whl/
 # is installed first when present (the image's may be older than the pinned one).
 set -u
@@ -23,5 +23,9 @@ p = argparse.ArgumentParser(); add(p.add_subparsers()); a = p.parse_args(); sys.
 timeout 180 python3 -c "$BENCH" bench --device cuda --contexts 8192,32768,131072 --batch 1,8 --heads 32 \
     --kv-heads 8 --head-dim 128 --bits 128 --budget 2048 --dtype float32,bfloat16 --methods dense,hata,quest,loki \
     --json "$OUT/bench_cuda.json" --png "$OUT/bench_cuda.png" 2>&1 | tee "$OUT/bench.log"
+timeout 180 python3 -c "$BENCH" bench --device cuda --cuda-graph --contexts 8192,32768,131072 --batch 1,8 \
+    --heads 32 --kv-heads 8 --head-dim 128 --bits 128 --budget 2048 --dtype float32,bfloat16 \
+    --methods dense,hata,quest,loki --json "$OUT/bench_cuda_graph.json" --png "$OUT/bench_cuda_graph.png" \
+    2>&1 | tee "$OUT/bench_graph.log"
 timeout 90 python3 benchmarks/hata_cuda_profile.py --contexts 131072 --batch 1,8 --dtype float32,bfloat16 \
     --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"

@@ -59,6 +59,7 @@ def test_bytes_per_method():
         (["--evict-mb", "-1"], "--evict-mb must be >= 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--device", "tpu"], "--device must be one of cpu, cuda"),
+        (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     ],
 )
 def test_bench_bad_flags(capsys, flags, message):

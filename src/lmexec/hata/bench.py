@@ -79,6 +79,9 @@ class BenchConfig:
     ``EVICT_MB`` of the device, several times its last-level cache)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``: where the cache lives and the kernels run (numba on CPU, Triton on CUDA)."""
+    cuda_graph: bool = False
+    """On CUDA, time replays of a CUDA graph of each method's step (captured after the warm-up) instead of
+    the step itself: the GPU's time without the host's per-launch work, as a serving engine runs decode."""
     huge_pages: bool = True
     """Back the K/V buffers with 2 MiB pages (``madvise``) as a serving engine would; every method,
     dense included, reads the same buffers."""
@@ -109,6 +112,8 @@ class BenchConfig:
             raise UserError(f"--device must be one of {', '.join(EVICT_MB)}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: torch sees no CUDA GPU on this machine")
+        if self.cuda_graph and self.device != "cuda":
+            raise UserError("--cuda-graph needs --device cuda")
 
     @property
     def evict(self) -> int:
@@ -131,6 +136,9 @@ class Row:
     samples: list[float] = field(default_factory=list)
     cpu_ms: float = 0.0
     """Median process CPU time of a step (all threads)."""
+    timing: str = "eager"
+    """``eager`` (the step as the library runs it) or ``cuda-graph`` (replays of its captured graph); a
+    method that cannot be captured is timed eagerly and says why."""
     speedup_vs_dense: float | None = None
     speedup_vs_dense_bound: float | None = None
 
@@ -261,6 +269,29 @@ class _Stepper:
 
         self.step = step
 
+    def capture(self) -> str:
+        """Make :attr:`step` the replay of a CUDA graph of the step (see ``BenchConfig.cuda_graph``).
+        Every timed step is the same step (the cache is cut back after each), so replaying its kernels
+        with the arguments captured once does the same work. Returns the timing mode."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch's capture notes advise
+            for _ in range(2):
+                self.step()
+                self.reset()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except Exception as error:  # noqa: BLE001  a step that waits for the host cannot be captured
+            return f"eager (capture failed: {type(error).__name__}: {str(error)[:160]})"
+        finally:
+            self.reset()
+        self.graph = graph
+        self.step = graph.replay
+        return "cuda-graph"
+
     def reset(self) -> None:
         self.case.keys.length = self.case.values.length = self.case.n
         for key, length in self.lengths.items():
@@ -282,11 +313,11 @@ class _Stepper:
 
 def run_methods(
     cfg: BenchConfig, case: _Case, names: tuple[str, ...], budget: Budget
-) -> dict[str, tuple[list[float], list[float]]]:
+) -> dict[str, tuple[list[float], list[float], str]]:
     """Timed decode steps of every method on ``case``, interleaved: each round times one step of each
     method (in alternating order), so a drift of the machine's speed during the case (this VM's streaming
     bandwidth drifts by up to 1.4x within minutes) moves every method alike and their ratios hold.
-    Returns per method the wall and CPU milliseconds of each timed step."""
+    Returns per method the wall and CPU milliseconds of each timed step and the timing mode."""
     steppers: list[_Stepper] = []
     try:
         for name in names:
@@ -297,7 +328,10 @@ def run_methods(
             for stepper in steppers:
                 stepper.step()
                 stepper.reset()
-        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
+        timing = {s.name: s.capture() if cfg.cuda_graph else "eager" for s in steppers}
+        times: dict[str, tuple[list[float], list[float], str]] = {
+            name: ([], [], timing[name]) for name in names
+        }
         for round_ in range(cfg.repeats):
             for stepper in steppers if round_ % 2 == 0 else steppers[::-1]:
                 wall, cpu = stepper.timed()
@@ -365,7 +399,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     note(f"{dtype_name} B={batch} N={n}: {', '.join(cfg.methods)}, interleaved")
                     times = run_methods(cfg, case, cfg.methods, budget)
                     for name in cfg.methods:
-                        samples, cpu = times[name]
+                        samples, cpu, timing = times[name]
                         nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
                         qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
                         rows.append(
@@ -382,6 +416,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                                 0.0,
                                 samples,
                                 statistics.median(cpu),
+                                timing=timing,
                             )
                         )
                     del case

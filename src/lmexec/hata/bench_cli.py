@@ -67,6 +67,12 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="back the K/V buffers with 2 MiB pages via madvise (default: on)",
     )
+    bench.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="with --device cuda: time replays of each method's step captured in a CUDA graph (the GPU's "
+        "time without per-launch host work, as serving engines decode)",
+    )
     bench.add_argument("--json", type=output_path, default=None, help="write the full result here")
     bench.add_argument("--png", type=picture_path, default=None, help="plot latency vs context here")
     bench.set_defaults(handler=_bench)
@@ -117,6 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
         kernels=args.kernels,
         huge_pages=args.huge_pages,
         device=args.device,
+        cuda_graph=args.cuda_graph,
     )
     cfg.validate()
     result = run_bench(cfg, lambda msg: console.print(msg, style="dim"))
@@ -124,7 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
     print_table(
         f"HATA decode, one layer: {cfg.heads}/{cfg.kv_heads} heads, d={cfg.head_dim}, {cfg.bits}-bit codes, "
         f"budget {args.budget}; {m.get('gpu', 'CPU')}; bandwidth {result['bandwidth_used_gbs']:.1f} GB/s; "
-        f"{m['threads']} threads; "
+        f"{m['threads']} threads; {'CUDA graph replays; ' if cfg.cuda_graph else ''}"
         f"load {m['load_average_start']} -> {m['load_average_end']}",
         (
             "dtype",
@@ -160,6 +167,9 @@ def _bench(args: argparse.Namespace) -> int:
             for r in result["rows"]
         ],
     )
+    for r in result["rows"]:
+        if r["timing"].startswith("eager ("):
+            console.print(f"note: {r['method']} {r['dtype']} B={r['batch']} N={r['context']}: {r['timing']}")
     print_table(
         "HATA against the targets (speedups: other time / HATA time; 'bound' = bytes / bandwidth)",
         ("dtype", "batch", "context", "vs dense", "vs ideal dense", "x own bound", "vs quest", "vs loki",
