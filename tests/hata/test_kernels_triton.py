@@ -89,6 +89,28 @@ def test_topk_over_several_key_blocks(gpu):
             )
 
 
+def test_topk_with_padding_over_several_blocks_and_k_equal_to_n(gpu):
+    _, keys, _, _, qc, kc = _data(2, 2, 3, 2600, 16, 32, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    valid = torch.rand(2, 2600, generator=gen) > 0.5
+    valid[0, :1500] = False  # left padding spanning the first block and part of the second
+    for k in (1, 900, 1100, 2600):
+        want = ref.hamming_topk(qc, kc, k, 2, 3, valid.to(DEVICE))
+        assert torch.equal(gpu.hamming_topk(qc, kc, k, 2, 3, valid.to(DEVICE)), want)
+
+
+def test_gather_attention_gives_nan_where_every_row_is_dropped_as_the_reference(gpu):
+    query, keys, values, _, _, _ = _data(2, 2, 2, 300, 16, 64, seed=9)
+    idx = torch.randint(0, 300, (2, 2, 100), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    keep = torch.ones(2, 100, dtype=torch.bool, device=DEVICE)
+    keep[1] = False  # batch row 1 attends to nothing
+    keep[0, 40:] = False  # batch row 0: only the first split's rows
+    got = gpu.gather_attention(query, keys, values, idx, None, keep)
+    want = ref.gather_attention(query, keys, values, idx, None, keep)
+    assert bool(got[1].isnan().all()) and bool(want[1].isnan().all())
+    torch.testing.assert_close(got[0], want[0])
+
+
 def test_topk_reads_strided_cache_view(gpu):
     _, keys, _, w, qc, _ = _data(2, 2, 2, 90, 16, 128, seed=4)
     buffer = torch.zeros(2, 2, 200, 2, dtype=torch.int64, device=DEVICE)

@@ -215,3 +215,13 @@ def test_hata_projection_shape_mismatch(qkv):
         method.prepare(LayerCache.from_prefill(k, v), 2)
     with pytest.raises(UserError, match="no projection for layer 5"):
         Hata(weights={2: torch.randn(HKV, D, 128)}).prepare(LayerCache.from_prefill(k, v), 5)
+
+
+def test_projection_on_another_device_is_copied_once_and_again_after_an_in_place_edit():
+    w = random_projection(2, 16, 64, 3)
+    method = Hata(weights={0: w})
+    first = method.projection_on(0, 2, 16, torch.device("meta"))  # any device but the weights'
+    assert first.device.type == "meta" and method.projection_on(0, 2, 16, torch.device("meta")) is first
+    assert method.projection_on(0, 2, 16, torch.device("cpu")) is method.projection(0, 2, 16)
+    w.mul_(-1)  # e.g. a training update in place
+    assert method.projection_on(0, 2, 16, torch.device("meta")) is not first

@@ -281,12 +281,15 @@ class _Stepper:
                 self.reset()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 self.step()
         except Exception as error:  # noqa: BLE001  a step that waits for the host cannot be captured
-            return f"eager (capture failed: {type(error).__name__}: {str(error)[:160]})"
+            cause = error.__context__ or error  # capture_end's own error hides the step's
+            return f"eager (capture failed: {type(cause).__name__}: {str(cause)[:160]})"
         finally:
+            torch.cuda.set_stream(stream)  # a failed capture can leave its side stream current
             self.reset()
         self.graph = graph
         self.step = graph.replay
@@ -448,6 +451,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "huge_pages": cfg.huge_pages,
         "bandwidth_gbs": [b / 1e9 for b in bandwidth],
         "bandwidth_used_gbs": best / 1e9,
+        "evict_mb_used": cfg.evict,
         "rows": [{**asdict(r), "of_bound": r.of_bound} for r in rows],
         "skipped": skipped,
         "checks": targets(rows),
@@ -464,6 +468,7 @@ def targets(rows: list[Row]) -> list[dict[str, object]]:
             if (r.dtype, r.batch, r.context) == (hata.dtype, hata.batch, hata.context)
         }
         check: dict[str, object] = {"dtype": hata.dtype, "batch": hata.batch, "context": hata.context}
+        check["timing"] = {method: r.timing for method, r in same.items()}  # compare like with like
         if "dense" in same:
             check["vs_dense"] = hata.speedup_vs_dense
             check["vs_dense_bound"] = hata.speedup_vs_dense_bound

@@ -5,9 +5,9 @@ triton is imported) against :mod:`.reference`.
 
 * ``_encode_kernel``: one program per (batch x KV head, block of rows, 64-bit word): ``x @ W[:, 64w:64w+64]``
   with ``tl.dot`` (IEEE fp32), ``>= 0``, shifted and summed into the word (bit order version 1).
-* ``_rank_kernel``: XOR + SWAR popcount of the packed words against the group's query codes, summed over
-  the group, mapped to a rank bin (0 forced, ``1 + distance``, last bin padding) like the CPU kernel,
-  and each block's histogram of the bins (``tl.histogram``) added into the (batch, KV head)'s.
+* ``_rank_kernel``: XOR + popcount (hardware ``popc``; a SWAR bit trick under the interpreter) of the
+  packed words against the group's query codes, summed over the group, mapped to a rank bin (0 forced,
+  ``1 + distance``, last bin padding) like the CPU kernel, and each block's histogram of the bins (``tl.histogram``) added into the (batch, KV head)'s.
   Selection is a counting selection, deterministic and in position order, with no host round trip:
   the histogram gives each (batch, KV head) its threshold bin and tie count; ``_count_kernel`` counts
   per block, and ``_compact_kernel`` sums the counts of the blocks before its own and writes the chosen
@@ -42,7 +42,7 @@ M4 = tl.constexpr(0x0F0F0F0F0F0F0F0F)
 
 @triton.jit
 def _encode_kernel(x_ptr, w_ptr, out_ptr, N, H, D, R, WORDS, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     block = tl.program_id(1)
     word = tl.program_id(2)
     h = bh % H
@@ -103,7 +103,7 @@ def _rank_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     block = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -146,7 +146,7 @@ def _threshold(hist_ptr, bh, K, NBINS: tl.constexpr):
 
 @triton.jit
 def _count_kernel(rank_ptr, hist_ptr, counts_ptr, N, K, NBLOCKS, NBINS: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     block = tl.program_id(1)
     threshold, _ = _threshold(hist_ptr, bh, K, NBINS)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,7 +162,7 @@ def _compact_kernel(
     rank_ptr, hist_ptr, counts_ptr, out_ptr, N, K, NBLOCKS,
     NBINS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_P2: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     block = tl.program_id(1)
     threshold, ties_needed = _threshold(hist_ptr, bh, K, NBINS)
     earlier = tl.arange(0, BLOCKS_P2)
@@ -211,7 +211,7 @@ def _attention_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -277,7 +277,7 @@ def _merge_kernel(
 ):  # fmt: skip
     """Log-sum-exp merge of a (batch, KV head)'s split partials into its query heads' outputs. A head
     whose every split saw no usable row (max -inf) comes out NaN, as in the reference."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     splits = tl.arange(0, BLOCK_S)
     heads = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -389,6 +389,8 @@ def _launch_rank(grid, *args, **kwargs) -> None:
             _rank_kernel[grid](*args, HW_POPCOUNT=True, **kwargs)
             return
         except CompilationError as error:  # an older or newer Triton without libdevice.popc
+            if "popc" not in str(error):
+                raise
             warnings.warn(f"HATA rank kernel without hardware popcount: {error}", stacklevel=3)
             _hw_popcount[0] = False
     _rank_kernel[grid](*args, HW_POPCOUNT=False, **kwargs)

@@ -32,14 +32,13 @@ class HashSelection(SelectionMethod):
     def projection_on(self, layer: int, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
         """:meth:`projection` on ``device``, copied there once and kept: a decode step on a GPU must not
         copy W from host memory (a transfer and a synchronisation) every layer."""
-        copies: dict[tuple[int, int, int, torch.device], torch.Tensor] = self.__dict__.setdefault(
-            "_copies", {}
-        )
+        copies: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = self.__dict__.setdefault("_copies", {})
         key = (layer, kv_heads, head_dim, torch.device(device))
-        w = copies.get(key)
-        if w is None:
-            w = copies[key] = self.projection(layer, kv_heads, head_dim).to(device)
-        return w
+        source = self.projection(layer, kv_heads, head_dim)
+        entry = copies.get(key)
+        if entry is None or entry[0] is not source or entry[1] != source._version:  # W edited in place
+            entry = copies[key] = (source, source._version, source.to(device))
+        return entry[2]
 
     def _codes(self, cache: LayerCache):
         return cache.extra(f"{self.name}_codes", n_words(self.bits), torch.int64)
