@@ -17,13 +17,10 @@ python3 -c "import torch, triton, transformers, numba; print('torch', torch.__ve
 'transformers', transformers.__version__, 'numba', numba.__version__)"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/hata/test_kernels_triton.py tests/hata/test_cuda.py \
     2>&1 | tee "$OUT/tests.log"
-# the hata bench parser alone: `python3 -m lmexec` also registers the tessel commands, which need ortools
-BENCH='import argparse, sys; from lmexec.hata.bench_cli import add_bench_parsers as add
-p = argparse.ArgumentParser(); add(p.add_subparsers()); a = p.parse_args(); sys.exit(a.handler(a))'
-timeout 180 python3 -c "$BENCH" bench --device cuda --contexts 8192,32768,131072 --batch 1,8 --heads 32 \
+timeout 180 python3 -m lmexec hata bench --device cuda --contexts 8192,32768,131072 --batch 1,8 --heads 32 \
     --kv-heads 8 --head-dim 128 --bits 128 --budget 2048 --dtype float32,bfloat16 --methods dense,hata,quest,loki \
     --json "$OUT/bench_cuda.json" --png "$OUT/bench_cuda.png" 2>&1 | tee "$OUT/bench.log"
-timeout 180 python3 -c "$BENCH" bench --device cuda --cuda-graph --contexts 8192,32768,131072 --batch 1,8 \
+timeout 180 python3 -m lmexec hata bench --device cuda --cuda-graph --contexts 8192,32768,131072 --batch 1,8 \
     --heads 32 --kv-heads 8 --head-dim 128 --bits 128 --budget 2048 --dtype float32,bfloat16 \
     --methods dense,hata,quest,loki --json "$OUT/bench_cuda_graph.json" --png "$OUT/bench_cuda_graph.png" \
     2>&1 | tee "$OUT/bench_graph.log"

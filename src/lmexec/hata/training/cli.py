@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmexec.hata.training.recipes import DEFAULT_RECIPE, RECIPES
-from lmexec.hata.training.trainer import TrainConfig
+from lmexec.hata.training.config import DEFAULT_RECIPE, RECIPE_NAMES, TrainConfig
 from lmexec.reporting import output_path
 
 _DEFAULTS = TrainConfig()
@@ -30,7 +29,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
-        choices=sorted(RECIPES),
+        choices=sorted(RECIPE_NAMES),
         help=f"training recipe: 'paper' (the reference's) or 'rank' (default: {DEFAULT_RECIPE})",
     )
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")

@@ -17,6 +17,7 @@ import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.codes import random_projection
+from lmexec.hata.training.config import RECIPE_NAMES
 from lmexec.hata.training.data import LayerData, paper_labels
 from lmexec.hata.training.loss import PaperTargets, attention_targets, paper_loss, ranking_loss
 
@@ -60,7 +61,7 @@ RECIPES = {
     "paper": Recipe("paper", epochs=15),
     "rank": Recipe("rank", epochs=20, lr=0.05, texts_per_step=2),
 }
-DEFAULT_RECIPE = "rank"
+assert set(RECIPES) == set(RECIPE_NAMES), "keep config.RECIPE_NAMES in step with RECIPES"
 
 
 def get_recipe(name: str, epochs: int | None = None) -> Recipe:

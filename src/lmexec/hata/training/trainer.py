@@ -9,7 +9,6 @@ may differ across thread counts).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,58 +21,12 @@ import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.budget import Budget
-from lmexec.hata.codes import check_bits, random_projection
+from lmexec.hata.codes import random_projection
+from lmexec.hata.training.config import TrainConfig
 from lmexec.hata.training.data import LayerData, capture_layers, sample_positions, text_blocks
-from lmexec.hata.training.recipes import DEFAULT_RECIPE, Recipe, Tick, get_recipe, train_layer
+from lmexec.hata.training.recipes import Recipe, Tick, train_layer
 from lmexec.hata.training.validate import Recall, code_recall
 from lmexec.hata.weights import model_signature, save_hash_weights
-
-TRAINER_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides the trained weights (hashed into the resume fingerprint)."""
-
-    model: str = "smollm2"
-    bits: int = 128
-    recipe: str = DEFAULT_RECIPE
-    epochs: int | None = None
-    texts: int = 6
-    """Calibration texts (blocks of ``context`` tokens, alternating prose and code)."""
-    context: int = 4096
-    """Post-RoPE codes depend on position: train at (at least) the longest context you will run."""
-    positions: int = 96
-    """Query positions sampled per calibration text, uniformly in the last 3/4 of it."""
-    dense_layers: int = 2
-    seed: int = 0
-    val_context: int = 2048
-    val_positions: int = 16
-    val_budget: float = 128
-    threads: int = 2
-
-    def validate(self) -> Recipe:
-        check_bits(self.bits)
-        recipe = get_recipe(self.recipe, self.epochs)
-        for name in ("texts", "context", "positions", "val_context", "val_positions", "threads"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.context < 64 or self.val_context < 64:
-            raise UserError("--context and --val-context must be at least 64 tokens")
-        if self.positions > self.context - self.context // 4:
-            raise UserError(
-                f"--positions must be at most {self.context - self.context // 4} for --context {self.context}"
-            )
-        if self.val_positions > self.val_context // 4:
-            raise UserError(f"--val-positions must be at most {self.val_context // 4}")
-        if self.dense_layers < 0:
-            raise UserError(f"--dense-layers must be >= 0, got {self.dense_layers}")
-        Budget(self.val_budget, 0, 1)
-        return recipe
-
-    def fingerprint(self) -> str:
-        data = {**asdict(self), "trainer_version": TRAINER_VERSION}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

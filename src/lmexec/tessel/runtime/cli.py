@@ -10,23 +10,18 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmexec.errors import UserError
 from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.cli import positive_int
 from lmexec.tessel.placement import Placement
-from lmexec.tessel.runtime.model import GPTConfig, lm_loss
-from lmexec.tessel.runtime.plan import MIN_GAIN
-from lmexec.tessel.runtime.profile import (
-    SHAPES,
-    ProfileJob,
-    StageProfile,
-    profile_in_ranks,
-    profile_stages,
-    profiled_placement,
-    stage_count,
-)
+from lmexec.tessel.runtime.settings import MIN_GAIN
+from lmexec.tessel.runtime.settings import PROFILE_SHAPES as SHAPES
+
+if TYPE_CHECKING:
+    from lmexec.tessel.runtime.model import GPTConfig
+    from lmexec.tessel.runtime.profile import ProfileJob, StageProfile
 
 DEFAULT_SCHEDULES = "searched,1f1b,gpipe"
 
@@ -112,10 +107,14 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 # ---- shared steps ---------------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> GPTConfig:
+    from lmexec.tessel.runtime.model import GPTConfig
+
     return GPTConfig(args.layers, args.hidden, args.heads, args.vocab, args.seq_len)
 
 
 def _profile_job(args: argparse.Namespace, shape: str) -> ProfileJob:
+    from lmexec.tessel.runtime.profile import ProfileJob, stage_count
+
     return ProfileJob(
         _config(args), stage_count(shape, args.devices, args.chunks), args.micro_batch_size, args.split,
         args.seed, args.warmup, args.repeats,
@@ -126,6 +125,9 @@ def _profile(
     args: argparse.Namespace, shape: str, measured: list[StageProfile] | None = None
 ) -> tuple[Placement, list[StageProfile]]:
     """Profile (unless ``measured`` is given) and build the placement."""
+    from lmexec.tessel.runtime.model import lm_loss
+    from lmexec.tessel.runtime.profile import profile_in_ranks, profile_stages, profiled_placement
+
     job = _profile_job(args, shape)
     if measured is not None:
         profiles = measured
@@ -218,6 +220,7 @@ def _torchrun_body(ctx: Any, args: argparse.Namespace) -> tuple[_Prepared, list[
     same job, all train."""
     import torch.distributed as dist
 
+    from lmexec.tessel.runtime.profile import profile_in_ranks
     from lmexec.tessel.runtime.train import train_worker
 
     measured = None

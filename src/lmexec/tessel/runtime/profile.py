@@ -32,10 +32,11 @@ from lmexec.errors import UserError
 from lmexec.tessel.block import Block, BlockKind
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.pipelining_adapter import backward_functions
+from lmexec.tessel.runtime.settings import PROFILE_SHAPES
 
 MB = 2.0**20
 OPTIMIZER_COPIES = 4  # parameters + gradients + AdamW's two moments
-SHAPES = ("vshape", "interleaved", "zerobubble")
+SHAPES = PROFILE_SHAPES
 MIN_MS = 0.001  # a block must last > 0 (the first stage's I is empty)
 
 

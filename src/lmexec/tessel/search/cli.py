@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.baselines import applicable_baselines
-from lmexec.tessel.search.driver import SearchResult, search
+
+if TYPE_CHECKING:
+    from lmexec.tessel.search.driver import SearchResult
 
 
 def register_search(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +36,7 @@ def register_search(sub: argparse._SubParsersAction) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from lmexec.tessel.cli import placement_from_args, write_outputs
+    from lmexec.tessel.search.driver import search
 
     placement = placement_from_args(args)
     n = args.micro_batches or 4 * placement.num_devices
