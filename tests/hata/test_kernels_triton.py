@@ -78,11 +78,14 @@ def test_topk_equals_reference(gpu, shape):
         assert torch.equal(gpu.hamming_topk(qc, kc, k, 1, 1, valid), ref.hamming_topk(qc, kc, k, 1, 1, valid))
 
 
-def test_topk_over_several_key_blocks(gpu):
-    """Past one program's block of keys (1024) the compaction offsets come from the earlier blocks' counts;
-    32-bit codes tie often, so the ties must still go to the earliest keys across blocks."""
-    _, keys, _, _, qc, kc = _data(1, 2, 3, 2600, 16, 32, seed=5)
-    for k in (1, 700, 1500, 2599):
+@pytest.mark.parametrize("scan", [256, 2])
+def test_topk_over_several_key_blocks(gpu, monkeypatch, scan):
+    """Past one program's block of keys (1024) the compaction offsets come from the earlier blocks' counts
+    (summed ``scan`` blocks per loop step: 2 makes the loop run more than once); 32-bit codes tie often,
+    so the ties must still go to the earliest keys across blocks."""
+    monkeypatch.setattr(gpu, "COUNT_SCAN", scan)
+    _, keys, _, _, qc, kc = _data(1, 2, 3, 4200, 16, 32, seed=5)
+    for k in (1, 700, 1500, 4199):
         for sink, recent in ((0, 1), (3, 1100)):
             assert torch.equal(
                 gpu.hamming_topk(qc, kc, k, sink, recent), ref.hamming_topk(qc, kc, k, sink, recent)

@@ -160,15 +160,21 @@ def _count_kernel(rank_ptr, hist_ptr, counts_ptr, N, K, NBLOCKS, NBINS: tl.const
 @triton.jit
 def _compact_kernel(
     rank_ptr, hist_ptr, counts_ptr, out_ptr, N, K, NBLOCKS,
-    NBINS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_P2: tl.constexpr,
+    NBINS: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B x H x N x d passes 2**31 at long contexts
     block = tl.program_id(1)
     threshold, ties_needed = _threshold(hist_ptr, bh, K, NBINS)
-    earlier = tl.arange(0, BLOCKS_P2)
-    before = earlier < block
-    below_before = tl.sum(tl.load(counts_ptr + (bh * NBLOCKS + earlier) * 2, mask=before, other=0), axis=0)
-    ties_before = tl.sum(tl.load(counts_ptr + (bh * NBLOCKS + earlier) * 2 + 1, mask=before, other=0), axis=0)
+    # the earlier blocks' counts, SCAN at a time: a block count in a constexpr would recompile the
+    # kernel each time a growing cache passes a power of two of blocks
+    below_before = tl.zeros([], dtype=tl.int32)
+    ties_before = tl.zeros([], dtype=tl.int32)
+    for start in range(0, block, SCAN):
+        earlier = start + tl.arange(0, SCAN)
+        before = earlier < block
+        at = counts_ptr + (bh * NBLOCKS + earlier) * 2
+        below_before += tl.sum(tl.load(at, mask=before, other=0), axis=0)
+        ties_before += tl.sum(tl.load(at + 1, mask=before, other=0), axis=0)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     rank = tl.load(rank_ptr + bh * N + rows, mask=rows < N, other=2147483647)
     is_below = (rank < threshold).to(tl.int32)
@@ -334,6 +340,10 @@ def _key_strides(key_codes: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return key_codes, key_codes.stride(0), key_codes.stride(1)
 
 
+COUNT_SCAN = 256
+"""Earlier blocks' counts the compaction kernel sums per loop step."""
+
+
 def _rank_block(words: int) -> int:
     """Keys per program of the rank, count and compact kernels (fewer for wide codes: registers)."""
     return min(1024, 4096 // _pow2(words))
@@ -427,7 +437,7 @@ def hamming_topk(
     counts = torch.empty(rows, n_blocks, 2, dtype=torch.int32, device=ranks.device)
     _count_kernel[(rows, n_blocks)](ranks, hist, counts, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block)
     _compact_kernel[(rows, n_blocks)](
-        ranks, hist, counts, out, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block, BLOCKS_P2=_pow2(n_blocks)
+        ranks, hist, counts, out, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block, SCAN=COUNT_SCAN
     )
     return out.view(b, h, k)
 
