@@ -33,8 +33,21 @@ def test_bench_cli_small(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["bytes"] > 0
         assert r["bound_ms"] == pytest.approx(r["bytes"] / (result["bandwidth_used_gbs"] * 1e9) * 1e3)
         assert r["budget_tokens"] == (r["context"] + 1 if r["method"] == "dense" else 64)
+        # the access bound reads the selected rows of hata/loki at the random-row rate, the rest streams
+        element = 4 if r["dtype"] == "float32" else 2
+        gathered = r["batch"] * 2 * 64 * 2 * 16 * element if r["method"] in ("hata", "loki") else 0
+        assert r["gathered_bytes"] == gathered
+        stream, rate = result["bandwidth_used_gbs"] * 1e9, result["row_bandwidth_used_gbs"][r["dtype"]] * 1e9
+        expected = ((r["bytes"] - gathered) / stream + gathered / rate) * 1e3
+        assert r["access_bound_ms"] == pytest.approx(expected)
+        assert r["access_bound_ms"] >= r["bound_ms"] * (1 - 1e-9)
+        assert r["of_access_bound"] == pytest.approx(r["median_ms"] / r["access_bound_ms"])
+    assert set(result["row_bandwidth_gbs"]) == {"float32", "bfloat16"}
+    assert all(0 < rate <= result["bandwidth_used_gbs"] for rate in result["row_bandwidth_used_gbs"].values())
     assert len(result["checks"]) == 8
-    assert "vs ideal dense" in capsys.readouterr().out
+    assert all(c["of_own_access_bound"] <= c["of_own_bound"] * (1 + 1e-9) for c in result["checks"])
+    printed = "".join(capsys.readouterr().out.split())  # titles wrap at the console's width
+    assert "HATAagainstthetargets" in printed and "(randomrows:float32" in printed
 
 
 def test_bytes_per_method():

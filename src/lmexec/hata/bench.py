@@ -23,6 +23,12 @@ larger value bounds every method: ``bound = bytes / bandwidth``, with bytes = wh
 * hata: key codes (``bits/8`` B per token and KV head) + the ``k`` selected K/V rows + ``W``;
 * quest: page min/max (``2 d`` elements per page) + the selected rows;
 * loki: the rank-``r`` projected keys (``r`` elements per token) + the selected rows + the basis.
+
+The selected rows of hata and loki lie scattered over the cache, and a CPU reads scattered rows well
+below its streaming rate however they are read. So the same run also measures the random-row read rate
+(:mod:`lmexec.hata.row_reads`, rows of the cache's row size) and reports a second, *access* bound: the
+streamed bytes at the streaming bandwidth plus the gathered rows at the random-row rate (never faster
+than streaming). Quest's whole pages are contiguous and count as streamed, dense reads everything in order.
 """
 
 from __future__ import annotations
@@ -141,11 +147,20 @@ class Row:
     method that cannot be captured is timed eagerly and says why."""
     speedup_vs_dense: float | None = None
     speedup_vs_dense_bound: float | None = None
+    gathered_bytes: int = 0
+    """The part of ``bytes`` that is scattered rows (read at the random-row rate in the access bound)."""
+    access_bound_ms: float = 0.0
+    """Streamed bytes / bandwidth + gathered bytes / random-row rate."""
 
     @property
     def of_bound(self) -> float:
         """Measured time over the bytes-bound time (1 = at the physical limit)."""
         return self.median_ms / self.bound_ms
+
+    @property
+    def of_access_bound(self) -> float:
+        """Measured time over the access bound (1 = as fast as this machine streams and gathers)."""
+        return self.median_ms / self.access_bound_ms
 
 
 def sync(device: str) -> None:
@@ -183,6 +198,22 @@ def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, elem
         rank = max(1, d // 4)
         return rows * n * rank * element + selected + cfg.kv_heads * d * rank * 4
     raise UserError(f"unknown method {method!r}")
+
+
+def gathered_bytes(method: str, cfg: BenchConfig, batch: int, k: int, element: int) -> int:
+    """The bytes of :func:`method_bytes` that are scattered rows: hata's and loki's selected K/V rows."""
+    return batch * cfg.kv_heads * k * 2 * cfg.head_dim * element if method in ("hata", "loki") else 0
+
+
+def row_bandwidths(cfg: BenchConfig) -> dict[str, float]:
+    """Random-row read rate (bytes/s) per dtype of the run, for rows of that dtype's K/V row size."""
+    from lmexec.hata.row_reads import measure_row_bandwidths
+
+    sizes = {name: cfg.head_dim * (torch.finfo(DTYPES[name]).bits // 8) for name in cfg.dtypes}
+    rates = measure_row_bandwidths(
+        list(sizes.values()), lambda: _evict(max(cfg.evict, 1), cfg.device), device=cfg.device
+    )
+    return {name: rates[size] for name, size in sizes.items()}
 
 
 class _Case:
@@ -382,6 +413,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     note = progress or (lambda _msg: None)
     load_start = load_average()
     bandwidth = [measure_bandwidth(device=cfg.device)]
+    row_rates = [row_bandwidths(cfg)]
     rows: list[Row] = []
     skipped = []
     with kernels.use_backend(cfg.kernels):
@@ -420,13 +452,18 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                                 samples,
                                 statistics.median(cpu),
                                 timing=timing,
+                                gathered_bytes=gathered_bytes(name, cfg, batch, k, element),
                             )
                         )
                     del case
     bandwidth.append(measure_bandwidth(device=cfg.device))
+    row_rates.append(row_bandwidths(cfg))
     best = max(bandwidth)
+    best_rows = {name: min(best, max(r[name] for r in row_rates)) for name in cfg.dtypes}
     for row in rows:
         row.bound_ms = row.bytes / best * 1e3
+        streamed = row.bytes - row.gathered_bytes
+        row.access_bound_ms = (streamed / best + row.gathered_bytes / best_rows[row.dtype]) * 1e3
     for row in rows:
         dense = next(
             (
@@ -451,8 +488,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "huge_pages": cfg.huge_pages,
         "bandwidth_gbs": [b / 1e9 for b in bandwidth],
         "bandwidth_used_gbs": best / 1e9,
+        "row_bandwidth_gbs": {name: [r[name] / 1e9 for r in row_rates] for name in cfg.dtypes},
+        "row_bandwidth_used_gbs": {name: rate / 1e9 for name, rate in best_rows.items()},
         "evict_mb_used": cfg.evict,
-        "rows": [{**asdict(r), "of_bound": r.of_bound} for r in rows],
+        "rows": [{**asdict(r), "of_bound": r.of_bound, "of_access_bound": r.of_access_bound} for r in rows],
         "skipped": skipped,
         "checks": targets(rows),
     }
@@ -473,6 +512,7 @@ def targets(rows: list[Row]) -> list[dict[str, object]]:
             check["vs_dense"] = hata.speedup_vs_dense
             check["vs_dense_bound"] = hata.speedup_vs_dense_bound
         check["of_own_bound"] = hata.of_bound
+        check["of_own_access_bound"] = hata.of_access_bound
         for other in ("quest", "loki"):
             if other in same:
                 check[f"vs_{other}"] = same[other].median_ms / hata.median_ms
@@ -503,11 +543,13 @@ def plot(result: dict[str, object], path: str) -> str:
             xs = [r["context"] for r in mine]
             line = ax.plot(xs, [r["median_ms"] for r in mine], marker="o", label=method)[0]
             ax.plot(xs, [r["bound_ms"] for r in mine], linestyle=":", color=line.get_color())
+            if any(r.get("gathered_bytes") for r in mine):  # rows read at the random-row rate
+                ax.plot(xs, [r["access_bound_ms"] for r in mine], linestyle="--", color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("per-layer decode step (ms)")
-        ax.set_title(f"{dtype}, batch {batch} (dotted: bytes / bandwidth)")
+        ax.set_title(f"{dtype}, batch {batch}\ndotted: bytes / bandwidth; dashed: access bound", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

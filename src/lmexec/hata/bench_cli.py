@@ -130,7 +130,8 @@ def _bench(args: argparse.Namespace) -> int:
     m = result["machine"]
     print_table(
         f"HATA decode, one layer: {cfg.heads}/{cfg.kv_heads} heads, d={cfg.head_dim}, {cfg.bits}-bit codes, "
-        f"budget {args.budget}; {m.get('gpu', 'CPU')}; bandwidth {result['bandwidth_used_gbs']:.1f} GB/s; "
+        f"budget {args.budget}; {m.get('gpu', 'CPU')}; bandwidth {result['bandwidth_used_gbs']:.1f} GB/s "
+        f"(random rows: {_rates(result['row_bandwidth_used_gbs'])}); "
         f"{m['threads']} threads; {'CUDA graph replays; ' if cfg.cuda_graph else ''}"
         f"load {m['load_average_start']} -> {m['load_average_end']}",
         (
@@ -145,6 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
             "MB read",
             "bound ms",
             "x bound",
+            "x access bound",
             "vs dense",
             "vs ideal dense",
         ),
@@ -161,6 +163,7 @@ def _bench(args: argparse.Namespace) -> int:
                 r["bytes"] / 1e6,
                 r["bound_ms"],
                 r["of_bound"],
+                r["of_access_bound"],
                 r["speedup_vs_dense"],
                 r["speedup_vs_dense_bound"],
             )
@@ -171,12 +174,14 @@ def _bench(args: argparse.Namespace) -> int:
         if r["timing"].startswith("eager ("):
             console.print(f"note: {r['method']} {r['dtype']} B={r['batch']} N={r['context']}: {r['timing']}")
     print_table(
-        "HATA against the targets (speedups: other time / HATA time; 'bound' = bytes / bandwidth)",
-        ("dtype", "batch", "context", "vs dense", "vs ideal dense", "x own bound", "vs quest", "vs loki",
-         "vs quest bound", "vs loki bound"),
+        "HATA against the targets (speedups: other time / HATA time; 'bound' = bytes / bandwidth; 'access "
+        "bound' reads the selected rows at the random-row rate)",
+        ("dtype", "batch", "context", "vs dense", "vs ideal dense", "x own bound", "x own access bound",
+         "vs quest", "vs loki", "vs quest bound", "vs loki bound"),
         [
             (c["dtype"], c["batch"], c["context"], c.get("vs_dense"), c.get("vs_dense_bound"), c["of_own_bound"],
-             c.get("vs_quest"), c.get("vs_loki"), c.get("vs_quest_bound"), c.get("vs_loki_bound"))
+             c["of_own_access_bound"], c.get("vs_quest"), c.get("vs_loki"), c.get("vs_quest_bound"),
+             c.get("vs_loki_bound"))
             for c in result["checks"]
         ],
     )  # fmt: skip
@@ -185,6 +190,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.png:
         console.print(f"wrote {plot(result, args.png)}")
     return 0
+
+
+def _rates(gbs: dict[str, float]) -> str:
+    return ", ".join(f"{dtype} {rate:.1f} GB/s" for dtype, rate in gbs.items())
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
