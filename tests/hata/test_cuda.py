@@ -78,8 +78,9 @@ def test_bench_on_cuda_times_every_method():
     assert len(rows) == 2 * 2 * 2 * 4
     assert all(r["median_ms"] > 0 and r["bound_ms"] > 0 for r in rows)
     assert result["machine"]["gpu"] and result["bandwidth_used_gbs"] > 100
-    assert all(0 < rate <= result["bandwidth_used_gbs"] for rate in result["row_bandwidth_used_gbs"].values())
-    assert all(r["access_bound_ms"] >= r["bound_ms"] * (1 - 1e-9) for r in rows)
+    # the random-row rate is measured on CPU only: on the GPU the access bound is the bytes bound
+    assert result["row_bandwidth_gbs"] is None
+    assert all(r["access_bound_ms"] == pytest.approx(r["bound_ms"]) for r in rows)
 
 
 def test_long_context_kernels_equal_the_reference_on_cuda():

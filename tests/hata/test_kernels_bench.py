@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmexec.cli import main
-from lmexec.hata.bench import BenchConfig, method_bytes
+from lmexec.hata.bench import BenchConfig, method_bytes, run_bench
 
 
 def test_bench_cli_small(tmp_path, capsys):
@@ -18,7 +18,7 @@ def test_bench_cli_small(tmp_path, capsys):
         [
             "hata", "bench", "--contexts", "300,1000", "--batch", "1,2", "--heads", "4", "--kv-heads", "2",
             "--head-dim", "16", "--bits", "64", "--budget", "64", "--dtype", "float32,bfloat16",
-            "--repeats", "2", "--warmup", "1", "--threads", "1", "--evict-mb", "1",
+            "--repeats", "2", "--warmup", "1", "--threads", "1", "--evict-mb", "1", "--row-probe-gib", "0.05",
             "--json", str(out), "--png", str(png),
         ]
     )  # fmt: skip
@@ -50,6 +50,33 @@ def test_bench_cli_small(tmp_path, capsys):
     assert "HATAagainstthetargets" in printed and "(randomrows:float32" in printed
 
 
+@pytest.mark.parametrize("rate_gbs", [2.0, 1e6])
+def test_access_bound_reads_selected_rows_at_the_random_row_rate_capped_at_streaming(monkeypatch, rate_gbs):
+    import lmexec.hata.row_reads as row_reads
+
+    monkeypatch.setattr(
+        row_reads, "measure_row_bandwidths", lambda sizes, *a, **k: {s: rate_gbs * 1e9 for s in sizes}
+    )
+    cfg = BenchConfig(
+        contexts=(500,), batches=(1,), heads=4, kv_heads=2, head_dim=16, bits=64, budget=32,
+        methods=("dense", "hata", "quest"), repeats=1, warmup=0, threads=1, evict_mb=1,
+    )  # fmt: skip
+    result = run_bench(cfg)
+    stream = result["bandwidth_used_gbs"]
+    rate = min(rate_gbs, stream)
+    assert result["row_bandwidth_used_gbs"] == {"float32": pytest.approx(rate)}
+    assert result["row_bandwidth_gbs"] == {"float32": [rate_gbs, rate_gbs]}
+    rows = {r["method"]: r for r in result["rows"]}
+    gathered = 2 * 32 * 2 * 16 * 4
+    assert rows["hata"]["gathered_bytes"] == gathered and rows["quest"]["gathered_bytes"] == 0
+    expected = ((rows["hata"]["bytes"] - gathered) / stream + gathered / rate) / 1e9 * 1e3
+    assert rows["hata"]["access_bound_ms"] == pytest.approx(expected)
+    for name in ("dense", "quest"):  # read in order: the access bound is the bytes bound
+        assert rows[name]["access_bound_ms"] == pytest.approx(rows[name]["bound_ms"])
+    if rate_gbs > stream:
+        assert rows["hata"]["access_bound_ms"] == pytest.approx(rows["hata"]["bound_ms"])
+
+
 def test_bytes_per_method():
     cfg = BenchConfig(heads=32, kv_heads=8, head_dim=128, bits=128)
     n, k = 131072, 2048
@@ -71,6 +98,7 @@ def test_bytes_per_method():
         (["--kernels", "cuda"], "--kernels must be one of"),
         (["--evict-mb", "-1"], "--evict-mb must be >= 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
+        (["--row-probe-gib", "0"], "--row-probe-gib must be >= 0.001"),
         (["--device", "tpu"], "--device must be one of cpu, cuda"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     ],

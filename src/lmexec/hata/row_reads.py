@@ -2,12 +2,12 @@
 
 The streaming bandwidth (``bench.measure_bandwidth``) is the limit for a method that reads its bytes in
 order (dense attention, HATA's code scan). The rows a selection picks are scattered over the cache: each
-costs a full memory latency, and a core keeps only so many misses in flight, so on a CPU they arrive
-well below the streaming rate whatever the kernel does. This probe reads ``count`` distinct random rows of
-``row_bytes`` (in position order, as a selection emits them) from a 1 GiB buffer, with caches flushed
-before each read: on CPU with a numba loop that touches one byte per 64-byte line and prefetches rows
-ahead (no arithmetic: the best a gather can do here), on CUDA with ``torch.index_select``. The rate
-bounds the gather part of a step, as the streaming rate bounds the rest (``bench``'s access bound).
+costs a full memory latency, and a CPU core keeps only so many misses in flight, so they arrive well
+below the streaming rate whatever the kernel does. This probe reads ``count`` distinct random rows of
+``row_bytes`` (in position order, as a selection emits them) from a large buffer, with caches flushed
+before each read, by a numba loop that touches one byte of every 64-byte line of each row and prefetches
+rows ahead, with no arithmetic: the best a gather can do on this machine. CPU only (the bench does not
+measure it on a GPU).
 """
 
 from __future__ import annotations
@@ -25,31 +25,46 @@ from lmexec.hata.kernels.cpu import PREFETCH_DISTANCE, _prefetch
 
 ROWS = 32768
 """Rows read per probe: a 128K-token HATA step's gather (2048 selected x 8 KV heads x K and V)."""
+LINE = 64
 
 
 @nb.njit(cache=True, parallel=True, boundscheck=False)
 def _touch_rows(rows: np.ndarray, idx: np.ndarray, parts: int) -> int:
-    """Read one byte of every 64-byte line of rows ``idx`` of ``rows [R, row_bytes]`` (uint8), in
-    ``parts`` contiguous slices of ``idx`` over the threads; returns their sum so the reads happen."""
+    """Read every 64-byte line that rows ``idx`` of ``rows [R, width]`` (uint8) overlap: the bytes 64
+    apart from the row's first, and its last byte when the width is no multiple of 64 (its line may
+    start past the last of those). ``parts`` contiguous slices of ``idx`` go over the threads, rows are
+    prefetched ahead; returns the sum of the bytes read so the reads happen."""
     n, width = idx.shape[0], rows.shape[1]
+    tail = width % LINE != 0
     share = (n + parts - 1) // parts
     sums = np.zeros(parts, np.int64)
     for part in nb.prange(parts):
         first, stop = part * share, min(n, part * share + share)
         total = 0
         for j in range(first, min(stop, first + PREFETCH_DISTANCE)):
-            for off in range(0, width, 64):
+            for off in range(0, width, LINE):
                 _prefetch(rows, idx[j] * width + off)
         for j in range(first, stop):
             ahead = j + PREFETCH_DISTANCE
             if ahead < stop:
-                for off in range(0, width, 64):
+                for off in range(0, width, LINE):
                     _prefetch(rows, idx[ahead] * width + off)
+                if tail:
+                    _prefetch(rows, idx[ahead] * width + width - 1)
             row = idx[j]
-            for off in range(0, width, 64):
+            for off in range(0, width, LINE):
                 total += rows[row, off]
+            if tail:
+                total += rows[row, width - 1]
         sums[part] = total
     return sums.sum()
+
+
+def random_rows(total: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` distinct row numbers below ``total``, sorted (the order a selection emits them)."""
+    if not 0 < count <= total:
+        raise ValueError(f"need 0 < count <= total rows, got count {count} of {total}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False)).astype(np.int64)
 
 
 def measure_row_bandwidths(
@@ -58,52 +73,31 @@ def measure_row_bandwidths(
     count: int = ROWS,
     gib: float = 1.0,
     repeats: int = 7,
-    device: str = "cpu",
+    huge_pages: bool = True,
     seed: int = 0,
 ) -> dict[int, float]:
     """Random-row read rate in bytes/s per row size: best of ``repeats`` reads of ``count`` random rows,
-    each after ``evict()`` (so every row comes from memory). One ``gib`` GiB buffer serves every size."""
+    each after ``evict()`` (so every row comes from memory). One buffer of ``gib`` GiB (more if ``count``
+    rows need it) serves every size; ``huge_pages`` backs it with 2 MiB pages, as the cache's buffers."""
     if not row_sizes or min(row_sizes) < 1 or count < 1:
         raise ValueError(f"row sizes and count must be positive, got {row_sizes}, {count}")
     nbytes = max(int(gib * 2**30), count * max(row_sizes))
-    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    if device == "cpu":
-        advise_huge_pages(buffer)  # as the bench's K/V buffers are
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if huge_pages:
+        advise_huge_pages(buffer)
     buffer.fill_(1)
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        size: _best_rate(buffer[: nbytes // size * size].view(-1, size), count, evict, repeats, device, gen)
-        for size in sorted(set(row_sizes))
-    }
-
-
-def _best_rate(
-    rows: torch.Tensor, count: int, evict: Callable[[], None], repeats: int, device: str, gen: torch.Generator
-) -> float:
-    idx = torch.randperm(rows.shape[0], generator=gen)[:count].sort().values
-    if device == "cpu":
-        rows_np, idx_np = rows.numpy(), idx.numpy()
-        parts = nb.get_num_threads()
-
-        def read() -> None:
-            _touch_rows(rows_np, idx_np, parts)
-
-    else:
-        idx = idx.to(device)
-        out = torch.empty(count, rows.shape[1], dtype=torch.uint8, device=device)
-
-        def read() -> None:
-            torch.index_select(rows, 0, idx, out=out)
-
-    read()  # compile / warm up
-    best = math.inf
-    for _ in range(repeats):
-        evict()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        read()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return count * rows.shape[1] / best
+    flat = buffer.numpy()
+    parts = nb.get_num_threads()
+    rates = {}
+    for size in sorted(set(row_sizes)):
+        rows = flat[: nbytes // size * size].reshape(-1, size)
+        idx = random_rows(rows.shape[0], count, seed)
+        _touch_rows(rows, idx, parts)  # compile / warm up
+        best = math.inf
+        for _ in range(repeats):
+            evict()
+            t = time.perf_counter()
+            _touch_rows(rows, idx, parts)
+            best = min(best, time.perf_counter() - t)
+        rates[size] = count * size / best
+    return rates

@@ -15,6 +15,7 @@ Backend: gloo on CPU, NCCL when CUDA is available (one GPU per local rank).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -78,7 +79,8 @@ def _init(rank: int, world: int, local_rank: int, pg_timeout: float, threads: in
 
 def _spawned(index: int, world: int, port: int, out_dir: str, pg_timeout: float, threads: int | None,
              worker: Worker, args: tuple) -> None:  # fmt: skip
-    """Body of each spawned process: init, run, write the result, tear down."""
+    """Body of each spawned process: init, run, write the result, destroy the process group, then leave
+    without the interpreter's finalisation (``os._exit``)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = _init(index, world, index, pg_timeout, threads)
     try:
@@ -91,8 +93,9 @@ def _spawned(index: int, world: int, port: int, out_dir: str, pg_timeout: float,
         # called without an active exception"), which would hide the exception behind a SIGABRT
         dist.destroy_process_group()
     # Done and the result is on disk: leave without the interpreter's finalisation. Even after
-    # destroy_process_group, about one run in 60 aborted there the same way (rank 0, which hosts the
-    # rendezvous store; no Python frame left), and the launcher reported a finished job as failed.
+    # destroy_process_group, one run in 60 of a stress loop aborted there the same way (a rank's
+    # SIGABRT with no Python frame left), and the launcher reported a finished job as failed.
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -103,6 +106,8 @@ def launch(worker: Worker, world: int, *args: Any, timeout: float = 600.0, grace
     """Run ``worker(ctx, *args)`` on ``world`` spawned ranks; return their results by rank.
 
     ``threads`` sets torch's intra-op threads per rank (1: one rank per core on a small machine).
+    A rank that returns leaves through ``os._exit`` (see :func:`_spawned`): ``worker`` must close or
+    flush whatever it writes itself (atexit handlers and unflushed buffers do not run there).
     Raises :class:`RankFailure` when a rank fails or the job exceeds ``timeout``; by then every
     process of the job has exited.
     """
