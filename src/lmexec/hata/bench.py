@@ -192,7 +192,7 @@ def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, elem
     """Bytes one decode step of one layer must read (see the module docstring)."""
     rows = batch * cfg.kv_heads
     d = cfg.head_dim
-    selected = rows * k * 2 * d * element
+    selected = selected_row_bytes(cfg, batch, k, element)
     if method == "dense":
         return rows * n * 2 * d * element
     if method == "hata":
@@ -205,9 +205,14 @@ def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, elem
     raise UserError(f"unknown method {method!r}")
 
 
+def selected_row_bytes(cfg: BenchConfig, batch: int, k: int, element: int) -> int:
+    """Bytes of the ``k`` selected K and V rows of every (batch, KV head)."""
+    return batch * cfg.kv_heads * k * 2 * cfg.head_dim * element
+
+
 def gathered_bytes(method: str, cfg: BenchConfig, batch: int, k: int, element: int) -> int:
     """The bytes of :func:`method_bytes` that are scattered rows: hata's and loki's selected K/V rows."""
-    return batch * cfg.kv_heads * k * 2 * cfg.head_dim * element if method in ("hata", "loki") else 0
+    return selected_row_bytes(cfg, batch, k, element) if method in ("hata", "loki") else 0
 
 
 def row_bandwidths(cfg: BenchConfig) -> dict[str, float] | None:

@@ -28,6 +28,16 @@ ROWS = 32768
 LINE = 64
 
 
+@nb.njit(cache=True, inline="always", boundscheck=False)
+def _prefetch_row(rows: np.ndarray, row: int, tail: bool) -> None:
+    """Prefetch the lines :func:`_touch_rows` reads of row ``row``."""
+    width = rows.shape[1]
+    for off in range(0, width, LINE):
+        _prefetch(rows, row * width + off)
+    if tail:
+        _prefetch(rows, row * width + width - 1)
+
+
 @nb.njit(cache=True, parallel=True, boundscheck=False)
 def _touch_rows(rows: np.ndarray, idx: np.ndarray, parts: int) -> int:
     """Read every 64-byte line that rows ``idx`` of ``rows [R, width]`` (uint8) overlap: the bytes 64
@@ -42,15 +52,10 @@ def _touch_rows(rows: np.ndarray, idx: np.ndarray, parts: int) -> int:
         first, stop = part * share, min(n, part * share + share)
         total = 0
         for j in range(first, min(stop, first + PREFETCH_DISTANCE)):
-            for off in range(0, width, LINE):
-                _prefetch(rows, idx[j] * width + off)
+            _prefetch_row(rows, idx[j], tail)
         for j in range(first, stop):
-            ahead = j + PREFETCH_DISTANCE
-            if ahead < stop:
-                for off in range(0, width, LINE):
-                    _prefetch(rows, idx[ahead] * width + off)
-                if tail:
-                    _prefetch(rows, idx[ahead] * width + width - 1)
+            if j + PREFETCH_DISTANCE < stop:
+                _prefetch_row(rows, idx[j + PREFETCH_DISTANCE], tail)
             row = idx[j]
             for off in range(0, width, LINE):
                 total += rows[row, off]
