@@ -7,7 +7,9 @@ triton is imported) against :mod:`.reference`.
   with ``tl.dot`` (IEEE fp32), ``>= 0``, shifted and summed into the word (bit order version 1).
 * ``_rank_kernel``: XOR + popcount (hardware ``popc``; a SWAR bit trick under the interpreter) of the
   packed words against the group's query codes, summed over the group, mapped to a rank bin (0 forced,
-  ``1 + distance``, last bin padding) like the CPU kernel, and each block's histogram of the bins (``tl.histogram``) added into the (batch, KV head)'s.
+  ``1 + distance``, last bin padding) like the CPU kernel, and each block's histogram of the bins
+  (``tl.histogram``) added into the (batch, KV head)'s; ``hamming_scores`` runs it with ``SCORES_ONLY``
+  (plain distances, no histogram).
   Selection is a counting selection, deterministic and in position order, with no host round trip:
   the histogram gives each (batch, KV head) its threshold bin and tie count; ``_count_kernel`` counts
   per block, and ``_compact_kernel`` sums the counts of the blocks before its own and writes the chosen
@@ -84,7 +86,6 @@ def _rank_kernel(
     q_ptr,
     k_ptr,
     rank_ptr,
-    dist_ptr,
     valid_ptr,
     hist_ptr,
     N,
@@ -97,7 +98,7 @@ def _rank_kernel(
     recent,
     pad_bin,
     HAS_VALID: tl.constexpr,
-    STORE_DIST: tl.constexpr,
+    SCORES_ONLY: tl.constexpr,
     HW_POPCOUNT: tl.constexpr,
     NBINS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -119,19 +120,20 @@ def _rank_kernel(
     for g in range(G):
         q = tl.load(q_ptr + (bh * G + g) * W + words, mask=words < W, other=0)
         distance += tl.sum(_popcount(keys ^ q[None, :], HW_POPCOUNT), axis=1)
-    if STORE_DIST:
-        tl.store(dist_ptr + bh * N + rows, distance, mask=live)
-    rank = distance + 1
-    rank = tl.where((rows < sink) | (rows >= N - recent), 0, rank)
-    if HAS_VALID:
-        ok = tl.load(valid_ptr + b * N + rows, mask=live, other=1)
-        rank = tl.where(ok != 0, rank, pad_bin)
-    tl.store(rank_ptr + bh * N + rows, rank, mask=live)
-    # this block's share of the (batch, KV head)'s histogram of ranks; rows past N land in the last bin,
-    # which no rank reaches (NBINS > pad_bin + 1) and which is never added
-    hist = tl.histogram(tl.where(live, rank, NBINS - 1), NBINS)
-    bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist_ptr + bh * NBINS + bins, hist, mask=(hist > 0) & (bins < NBINS - 1))
+    if SCORES_ONLY:
+        tl.store(rank_ptr + bh * N + rows, distance, mask=live)
+    else:
+        rank = distance + 1
+        rank = tl.where((rows < sink) | (rows >= N - recent), 0, rank)
+        if HAS_VALID:
+            ok = tl.load(valid_ptr + b * N + rows, mask=live, other=1)
+            rank = tl.where(ok != 0, rank, pad_bin)
+        tl.store(rank_ptr + bh * N + rows, rank, mask=live)
+        # this block's share of the (batch, KV head)'s histogram of ranks; rows past N land in the last
+        # bin, which no rank reaches (NBINS > pad_bin + 1) and which is never added
+        hist = tl.histogram(tl.where(live, rank, NBINS - 1), NBINS)
+        bins = tl.arange(0, NBINS)
+        tl.atomic_add(hist_ptr + bh * NBINS + bins, hist, mask=(hist > 0) & (bins < NBINS - 1))
 
 
 @triton.jit
@@ -349,17 +351,19 @@ def _rank_block(words: int) -> int:
     return min(1024, 4096 // _pow2(words))
 
 
-def _ranks(query_codes, key_codes, sink, recent, valid, want_distance=False):
-    """Rank bins ``[B*H, N]`` (int32) and their histogram ``[B*H, NBINS]`` (and the distances if asked)."""
+def _ranks(query_codes, key_codes, sink, recent, valid, scores_only=False):
+    """Rank bins ``[B*H, N]`` (int32), their histogram ``[B*H, NBINS]`` and the keys per program.
+
+    ``scores_only``: write the plain distances into the ranks instead (no sink/recent/padding bins) and
+    skip the histogram, which only the selection needs."""
     b, h, n, words = key_codes.shape
     g = query_codes.shape[2]
     keys, stride_b, stride_h = _key_strides(key_codes)
     queries = query_codes.contiguous()
     ranks = torch.empty(b * h, n, dtype=torch.int32, device=key_codes.device)
-    distance = torch.empty(b * h, n, dtype=torch.int32, device=key_codes.device) if want_distance else ranks
     pad_bin = g * words * 64 + 2
     n_bins = _pow2(pad_bin + 2)  # one spare bin past the padding's, for rows past N
-    hist = torch.zeros(b * h, n_bins, dtype=torch.int32, device=key_codes.device)
+    hist = ranks if scores_only else torch.zeros(b * h, n_bins, dtype=torch.int32, device=key_codes.device)
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else ranks
     block = _rank_block(words)
     grid = (b * h, triton.cdiv(n, block))
@@ -368,7 +372,6 @@ def _ranks(query_codes, key_codes, sink, recent, valid, want_distance=False):
         queries,
         keys,
         ranks,
-        distance,
         valid_t,
         hist,
         n,
@@ -381,12 +384,12 @@ def _ranks(query_codes, key_codes, sink, recent, valid, want_distance=False):
         recent,
         pad_bin,
         HAS_VALID=valid is not None,
-        STORE_DIST=want_distance,
+        SCORES_ONLY=scores_only,
         NBINS=n_bins,
         BLOCK_N=block,
         BLOCK_W=_pow2(words),
     )
-    return ranks, hist, distance
+    return ranks, hist, block
 
 
 _hw_popcount = [True]
@@ -410,7 +413,7 @@ def hamming_scores(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.
     b, h, n, _ = key_codes.shape
     if n == 0:
         return torch.zeros(b, h, 0, dtype=torch.int64, device=key_codes.device)
-    _, _, distance = _ranks(query_codes, key_codes, 0, 0, None, want_distance=True)
+    distance, _, _ = _ranks(query_codes, key_codes, 0, 0, None, scores_only=True)
     return distance.view(b, h, n).long()
 
 
@@ -430,9 +433,8 @@ def hamming_topk(
     out = torch.empty(b * h, k, dtype=torch.int64, device=key_codes.device)
     if k == 0:
         return out.view(b, h, 0)
-    ranks, hist, _ = _ranks(query_codes, key_codes, sink, recent, valid)
+    ranks, hist, block = _ranks(query_codes, key_codes, sink, recent, valid)
     rows, n_bins = hist.shape
-    block = _rank_block(key_codes.shape[3])
     n_blocks = triton.cdiv(n, block)
     counts = torch.empty(rows, n_blocks, 2, dtype=torch.int32, device=ranks.device)
     _count_kernel[(rows, n_blocks)](ranks, hist, counts, n, k, n_blocks, NBINS=n_bins, BLOCK_N=block)
