@@ -70,6 +70,15 @@ def test_overrides_apply_per_role():
         build_placement("vshape", 4, overrides={"F": {"duration": 0}})
 
 
+@pytest.mark.parametrize("shape", ["mshape", "nnshape", "kshape", "mllm"])
+def test_all_device_memory_is_kept_by_the_forward_and_released_by_its_backward(shape):
+    placement = build_placement(shape, 2, overrides={"A": {"memory": 2}})
+    all_device = [b for b in placement.blocks if len(b.devices) == 2]
+    assert {b.memory for b in all_device if b.kind is BlockKind.FORWARD} == {2}
+    assert {b.memory for b in all_device if b.kind is BlockKind.BACKWARD} == {-2}
+    assert all(abs(sum(b.memory for b in placement.blocks_on(d))) < 1e-12 for d in range(2))
+
+
 def _doc(**changes):
     doc = {"devices": 2, "capacity": [4, 4], "blocks": [
         {"name": "f0", "kind": "forward", "duration": 1, "memory": 1, "devices": [0]},
@@ -107,6 +116,10 @@ def _with_block(index, **changes):
         (
             _with_block(2, after=[]),
             "block 'b1' frees 1 on device 1, but the blocks it depends on took only 0",
+        ),
+        (
+            _doc(blocks=[*_doc()["blocks"], {"name": "x", "duration": 1, "memory": -1, "devices": [0], "after": ["f0"]}]),
+            "blocks 'b0', 'x' together free more on device 0 than the blocks they depend on took there",
         ),
         (_doc(capacity=[4, 4, 4]), "lists 3 values but the placement has 2 devices"),
         (_doc(devices=0), "'devices' must be a positive integer"),

@@ -72,6 +72,21 @@ def test_inference_minimises_latency() -> None:
     assert result.makespan == pytest.approx(result.makespan_bound)
 
 
+def test_periods_skipped_by_the_doubling_are_proven_too() -> None:
+    """One activation slot per device: device 0 holds it from f0 to b0, a 16-unit span, so 16 is optimal;
+    the search steps past some periods on its way up and must still prove them infeasible."""
+    result = search(build_placement("vshape", 4, capacity=1), 4, time_limit=10.0, completion_limit=0.5)
+    assert result.period == 16 and result.period_bound == 16 and result.period_optimal
+
+
+def test_tiny_durations_are_not_taken_for_zero() -> None:
+    placement = build_placement("vshape", 2, overrides={"F": {"duration": 1e-10}})
+    result = search(placement, 8, **FAST)
+    assert result.schedule.validate() == []
+    assert result.period < 3.01  # B blocks alone: 3 per device
+    assert result.period_bound <= placement.max_work + 1e-9
+
+
 def test_float_durations_and_memory_map_back_exactly() -> None:
     placement = build_placement(
         "vshape",

@@ -143,8 +143,10 @@ class Placement:
                 )
 
     def _check_frees(self, where: str) -> None:
-        """A block may free only what the blocks it (transitively) depends on took on the same device:
-        otherwise memory would go below zero, and the search could 'fit' more micro-batches by it."""
+        """Blocks may free only what the blocks they (transitively) depend on took on the same device:
+        otherwise memory would go below zero, and the search could 'fit' more micro-batches by it. One
+        free is checked against its ancestors (the clearest message), then every dependency-closed set
+        of blocks at once (two frees of one allocation pass the first check, not the second)."""
         scale = max((abs(b.memory) for b in self.blocks), default=0.0)
         for block in self.blocks:
             if block.memory >= 0:
@@ -160,6 +162,16 @@ class Placement:
                         f"{where}: block {block.name!r} frees {-block.memory:g} on device {device}, but the blocks "
                         f"it depends on took only {before:g} there"
                     )
+        for device in range(self.num_devices):
+            if not any(b.memory < 0 and device in b.devices for b in self.blocks):
+                continue
+            least, chosen = _least_closure_memory(self, device)
+            if least < -1e-9 * scale:
+                frees = sorted(n for n in chosen if self.block(n).memory < 0 and device in self.block(n).devices)
+                raise UserError(
+                    f"{where}: blocks {', '.join(map(repr, frees))} together free more on device {device} than "
+                    f"the blocks they depend on took there (memory would reach {least:g})"
+                )
 
     @cached_property
     def index(self) -> dict[str, int]:
@@ -408,11 +420,19 @@ def chain(blocks: Iterable[Block]) -> list[Block]:
 
 def _least_memory_before(placement: Placement, block: Block, device: int) -> float:
     """min over dependency-closed sets S (ancestors of ``block`` in, it and its descendants out) of the
-    memory S leaves on ``device``: a maximum-profit closure with profit = -memory, via networkx min cut."""
+    memory S leaves on ``device``."""
+    forced_out = {block.name} | {n for n, anc in placement.ancestors.items() if block.name in anc}
+    return _least_closure_memory(placement, device, placement.ancestors[block.name], forced_out)[0]
+
+
+def _least_closure_memory(
+    placement: Placement, device: int, forced_in: frozenset[str] = frozenset(), forced_out: set[str] | None = None
+) -> tuple[float, set[str]]:
+    """The least memory a dependency-closed set S of blocks (``forced_in`` in, ``forced_out`` out) leaves
+    on ``device``, and such an S: a maximum-profit closure with profit = -memory, via networkx min cut."""
     import networkx as nx
 
-    forced_in = placement.ancestors[block.name]
-    forced_out = {block.name} | {n for n, anc in placement.ancestors.items() if block.name in anc}
+    forced_out = forced_out or set()
     weight = {b.name: (b.memory if device in b.devices else 0.0) for b in placement.blocks}
     base = sum(weight[n] for n in forced_in)
     graph = nx.DiGraph()
@@ -428,11 +448,11 @@ def _least_memory_before(placement: Placement, block: Block, device: int) -> flo
         elif profit < 0:
             graph.add_edge(b.name, "sink", capacity=-profit)
         for dep in b.after:
-            if dep in forced_out:  # cannot run before block: neither can b
+            if dep in forced_out:  # cannot run before the excluded blocks: neither can b
                 graph.add_edge(b.name, "sink")
             elif dep not in forced_in:
                 graph.add_edge(b.name, dep)  # infinite: b in S needs dep in S
     if gain == 0.0:
-        return base
-    cut, _ = nx.minimum_cut(graph, "source", "sink")
-    return base - (gain - cut)
+        return base, set(forced_in)
+    cut, (chosen, _) = nx.minimum_cut(graph, "source", "sink")
+    return base - (gain - cut), set(forced_in) | (set(chosen) - {"source"})

@@ -9,10 +9,13 @@ role   blocks                                         duration  memory
 =====  =============================================  ========  ======
 F      single-device forward                          1         +1
 B      single-device backward                         3         -1
-A      all-device forward and backward (TP)           1         0
+A      all-device forward and backward (TP)           1         0 [*]
 I      zero-bubble backward for the input gradient    2         -0.5
 W      zero-bubble backward for the weight gradient   1         -0.5
 =====  =============================================  ========  ======
+
+[*] ``A.memory`` is what an all-device *forward* keeps; its backward releases the same amount (a frozen
+forward without a backward, finetune's, keeps nothing).
 
 A few shapes change a default as the paper does (finetune: B lasts 2; alphafold: B lasts 1 and only
 the last of three forward passes keeps memory; kshape: the fused all-device block keeps +1 until its
@@ -73,8 +76,13 @@ class _Maker:
     def b(self, name: str, device: int) -> Block:
         return self.make("B", name, (device,), BlockKind.BACKWARD)
 
-    def a(self, name: str, kind: BlockKind = BlockKind.FORWARD, memory: float | None = None) -> Block:
-        return self.make("A", name, tuple(range(self.devices)), kind, memory)
+    def a(self, name: str, memory: float | None = None) -> Block:
+        """An all-device forward block, keeping ``A.memory`` until its backward."""
+        return self.make("A", name, tuple(range(self.devices)), BlockKind.FORWARD, memory)
+
+    def a_back(self, name: str, forward: Block) -> Block:
+        """The backward of an all-device forward: it releases what that forward kept."""
+        return self.make("A", name, forward.devices, BlockKind.BACKWARD, -forward.memory if forward.memory else 0.0)
 
 
 def _pipeline(m: _Maker, devices: list[int], prefix: str = "") -> tuple[list[Block], list[Block]]:
@@ -103,7 +111,8 @@ def xshape(m: _Maker) -> list[Block]:
 
 def mshape(m: _Maker) -> list[Block]:
     forwards, backwards = _pipeline(m, list(range(m.devices)))
-    return chain([m.a("embed.f"), *forwards, *backwards, m.a("embed.b", BlockKind.BACKWARD)])
+    embed = m.a("embed.f")
+    return chain([embed, *forwards, *backwards, m.a_back("embed.b", embed)])
 
 
 def nnshape(m: _Maker) -> list[Block]:
@@ -111,9 +120,10 @@ def nnshape(m: _Maker) -> list[Block]:
     half = m.devices // 2
     enc_f, enc_b = _pipeline(m, list(range(half)), "enc.")
     dec_f, dec_b = _pipeline(m, list(range(half, m.devices)), "dec.")
+    enc_embed, dec_embed = m.a("enc.embed.f"), m.a("dec.embed.f")
     return chain(
-        [m.a("enc.embed.f"), *enc_f, m.a("dec.embed.f"), *dec_f, *dec_b,
-         m.a("dec.embed.b", BlockKind.BACKWARD), *enc_b, m.a("enc.embed.b", BlockKind.BACKWARD)]
+        [enc_embed, *enc_f, dec_embed, *dec_f, *dec_b,
+         m.a_back("dec.embed.b", dec_embed), *enc_b, m.a_back("enc.embed.b", enc_embed)]
     )  # fmt: skip
 
 
@@ -123,14 +133,8 @@ def kshape(m: _Maker) -> list[Block]:
     left_f, left_b = _pipeline(m, list(range(half)), "left.")
     right_f, right_b = _pipeline(m, list(range(half, m.devices)), "right.")
     left_f, right_f = chain(left_f), chain(right_f)
-    join_f = replace(
-        m.a("join.f", memory=m.value("A", "memory", 1.0) if "memory" in m.overrides.get("A", {}) else 1.0),
-        after=(left_f[-1].name, right_f[-1].name),
-    )
-    join_b = replace(
-        m.a("join.b", BlockKind.BACKWARD, memory=-1.0 if "memory" not in m.overrides.get("A", {}) else None),
-        after=(join_f.name,),
-    )
+    join_f = replace(m.a("join.f"), after=(left_f[-1].name, right_f[-1].name))
+    join_b = replace(m.a_back("join.b", join_f), after=(join_f.name,))
     left_b = chain([replace(left_b[0], after=(join_b.name,)), *left_b[1:]])
     right_b = chain([replace(right_b[0], after=(join_b.name,)), *right_b[1:]])
     return [*left_f, *right_f, join_f, join_b, *left_b, *right_b]
@@ -138,15 +142,15 @@ def kshape(m: _Maker) -> list[Block]:
 
 def mllm(m: _Maker) -> list[Block]:
     forwards, backwards = _pipeline(m, list(range(m.devices)))
+    vision, head = m.a("vision.f"), m.a("head.f")
     return chain(
-        [m.a("vision.f"), *forwards, m.a("head.f"),
-         m.a("head.b", BlockKind.BACKWARD), *backwards, m.a("vision.b", BlockKind.BACKWARD)]
+        [vision, *forwards, head, m.a_back("head.b", head), *backwards, m.a_back("vision.b", vision)]
     )  # fmt: skip
 
 
 def finetune(m: _Maker) -> list[Block]:
     forwards, backwards = _pipeline(m, list(range(m.devices)))
-    return chain([m.a("frozen.f"), *forwards, *backwards])
+    return chain([m.a("frozen.f", memory=0.0), *forwards, *backwards])  # frozen: no backward, keeps nothing
 
 
 def alphafold(m: _Maker, passes: int = 3) -> list[Block]:
@@ -192,7 +196,9 @@ SHAPES: dict[str, Shape] = {
     "xshape": Shape(xshape, "Chimera-like: two V chains per micro-batch, one down and one up", {}),
     "mshape": Shape(mshape, "GPT: tensor-parallel embedding A, pipeline F/B, A backward", {}),
     "nnshape": Shape(nnshape, "mT5 encoder-decoder: A, F first half, A, F second half, and back", {}, 2),
-    "kshape": Shape(kshape, "Flava: two branches joined by an all-device block (a DAG)", {}, 2),
+    "kshape": Shape(
+        kshape, "Flava: two branches joined by an all-device block (a DAG)", {"A": {"memory": 1}}, 2
+    ),
     "mllm": Shape(mllm, "multimodal: A, F on 0..D-1, A; A, B on D-1..0, A", {}),
     "finetune": Shape(
         finetune, "frozen all-device encoder (no backward), pipeline F, B lasting 2", {"B": {"duration": 2}}

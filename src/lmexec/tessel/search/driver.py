@@ -200,6 +200,10 @@ def find_repetend(
             hi = mid
         else:
             lo = mid
+    while left() > 0:  # prove the periods the doubling skipped, lowest first, while they settle
+        gaps = [p for p in range(proven, best.period) if p not in tried]
+        if not gaps or attempt(gaps[0]).status == rp.UNKNOWN:
+            break
     if left() > 0:
         tuned = solve(
             prob, best.period, min(left(), max(CANDIDATE_MIN, time_limit * SPAN_SHARE)), workers=workers,
