@@ -119,3 +119,14 @@ def test_baselines_of_a_placement_without_forwards_do_not_crash():
     with pytest.raises(UserError, match="no forward blocks"):
         baseline_schedule(only_w, "1f1b", 2)
     assert baseline_schedule(only_w, "gpipe", 2).validate() == []
+
+
+def test_gpipe_refuses_a_forward_that_follows_a_backward():
+    blocks = [
+        {"name": "f0", "devices": [0], "kind": "forward", "duration": 1, "memory": 1},
+        {"name": "b0", "devices": [0], "after": ["f0"], "kind": "backward", "duration": 2, "memory": -1},
+        {"name": "f1", "devices": [1], "after": ["b0"], "kind": "forward", "duration": 1, "memory": 0},
+    ]
+    with pytest.raises(UserError, match="forward 'f1' depends on backward 'b0'"):
+        baseline_schedule(_custom(blocks), "gpipe", 2)
+    assert "gpipe" not in applicable_baselines(_custom(blocks), 2)

@@ -68,6 +68,10 @@ def test_overrides_apply_per_role():
         build_placement("vshape", 4, overrides={"Q": {"duration": 1}})
     with pytest.raises(UserError, match="positive"):
         build_placement("vshape", 4, overrides={"F": {"duration": 0}})
+    with pytest.raises(UserError, match="vshape has no block that --set I.duration would change"):
+        build_placement("vshape", 4, overrides={"I": {"duration": 5}})
+    with pytest.raises(UserError, match="finetune has no block that --set A.memory would change"):
+        build_placement("finetune", 4, overrides={"A": {"memory": 1}})
 
 
 @pytest.mark.parametrize("shape", ["mshape", "nnshape", "kshape", "mllm"])
@@ -118,19 +122,28 @@ def _with_block(index, **changes):
             "block 'b1' frees 1 on device 1, but the blocks it depends on took only 0",
         ),
         (
-            _doc(blocks=[*_doc()["blocks"], {"name": "x", "duration": 1, "memory": -1, "devices": [0], "after": ["f0"]}]),
+            _doc(
+                blocks=[
+                    *_doc()["blocks"],
+                    {"name": "x", "duration": 1, "memory": -1, "devices": [0], "after": ["f0"]},
+                ]
+            ),
             "blocks 'b0', 'x' together free more on device 0 than the blocks they depend on took there",
         ),
         (_doc(capacity=[4, 4, 4]), "lists 3 values but the placement has 2 devices"),
-        (_doc(devices=0), "'devices' must be a positive integer"),
+        (_doc(devices=0), "'devices' must be an integer in 1..4096"),
+        (_doc(devices=10**12), "'devices' must be an integer in 1..4096"),
+        (_with_block(1, duration=10**400), "'duration' is too large"),
+        (_doc(capacity=10**400), "capacity is too large"),
         (_doc(blocks="f0"), "'blocks' must be a list"),
         ({"blocks": []}, "missing the key 'devices'"),
         ([1, 2], "must be an object"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_bad_placement_json_names_the_problem(doc, message, tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps(doc))
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     with pytest.raises(UserError, match=message) as info:
         Placement.load(path)
     assert "\n" not in str(info.value)

@@ -34,10 +34,11 @@ def test_small_predicted_gain_runs_the_best_baseline_instead():
     assert prefer_baseline(tie, 0.05).name == f"tessel-cpsat ({best.name})"
 
 
-def test_negative_margin_is_a_user_error():
+@pytest.mark.parametrize("margin", [-0.1, float("nan"), float("inf")])
+def test_negative_or_non_finite_margin_is_a_user_error(margin):
     placement = build_placement("vshape", 2)
     with pytest.raises(UserError, match="min-gain"):
-        prefer_baseline(baseline_schedule(placement, "1f1b", 4), -0.1)
+        prefer_baseline(baseline_schedule(placement, "1f1b", 4), margin)
 
 
 def test_ties_between_baselines_go_to_the_lower_peak_memory():

@@ -1,10 +1,15 @@
 """The validator catches every kind of violation on hand-made schedules; metrics are exact."""
 
+import json
+
 import pytest
 
 from lmexec.errors import UserError
+from lmexec.tessel.baselines import baseline_schedule
 from lmexec.tessel.placement import Placement
+from lmexec.tessel.render import ascii_gantt
 from lmexec.tessel.schedule import Schedule, Task
+from lmexec.tessel.shapes import build_placement
 
 
 def _placement(capacity=None):
@@ -108,3 +113,32 @@ def test_schedule_json_round_trip(tmp_path):
     schedule.save(tmp_path / "s.json")
     again = Schedule.load(tmp_path / "s.json")
     assert again.tasks == schedule.tasks and again.repetend == (1.0, 5.0) and again.validate() == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["tasks"][0].update(start="5"), "a task's start must be a number"),
+        (lambda d: d["tasks"][0].update(start=True), "a task's start must be a number"),
+        (lambda d: d["tasks"][0].update(start=10**400), "malformed"),
+        (lambda d: d.update(micro_batches=10**9), "micro_batches must be in 1..100000"),
+        (lambda d: d.update(micro_batches=1e300), "micro_batches must be in 1..100000"),
+        (lambda d: d.update(repetend=["a", "b"]), "repetend must be a number"),
+        (lambda d: d.update(name=[1]), "name must be a string"),
+    ],
+)
+def test_schedule_json_mistakes_are_user_errors(tmp_path, change, message):
+    data = Schedule(_placement(capacity=2), 2, _good_tasks(), name="hand", repetend=(1.0, 5.0)).to_dict()
+    change(data)
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=message):
+        Schedule.load(tmp_path / "s.json")
+
+
+@pytest.mark.parametrize("b_duration", [3.0, 1.3, 0.7])
+def test_ascii_gantt_labels_every_block_when_durations_share_no_unit(b_duration):
+    placement = build_placement("vshape", 2, overrides={"B": {"duration": b_duration}})
+    rows = ascii_gantt(baseline_schedule(placement, "gpipe", 3)).splitlines()[1:]
+    for row in rows:
+        labels = row.replace("-", " ").replace(".", " ").replace("|", " ").split()[1:]
+        assert sorted(labels) == ["B0", "B1", "B2", "F0", "F1", "F2"]

@@ -75,6 +75,7 @@ def test_file_placement_and_memory_list(capsys, tmp_path):
         (["tessel", "baseline", "-p", "vshape", "-d", "4", "--set", "B.duration"], "bad override"),
         (["tessel", "baseline", "-p", "vshape", "-d", "4", "-m", "0.5"], "needs memory 1 on device 0"),
         (["tessel", "show", "-p", "/no/such/file.json"], "cannot read placement file"),
+        (["tessel", "baseline", "-p", "vshape", "-d", "4", "--png", "x.png"], "--png write one schedule"),
     ],
 )
 def test_user_mistakes_give_one_line_errors(capsys, argv, message):

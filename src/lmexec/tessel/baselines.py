@@ -82,6 +82,15 @@ def gpipe(placement: Placement, n: int) -> DeviceOrders:
     topo = placement.topological_order
     forward = [name for name in topo if placement.block(name).kind is BlockKind.FORWARD]
     backward = [name for name in topo if placement.block(name).kind in BACKWARD_KINDS]
+    for name in forward:
+        after_backward = sorted(
+            a for a in placement.ancestors[name] if placement.block(a).kind in BACKWARD_KINDS
+        )
+        if after_backward:
+            raise UserError(
+                f"schedule 'gpipe' runs every forward before every backward, but forward {name!r} "
+                f"depends on backward {after_backward[0]!r}"
+            )
     sequence = [(b, m) for b in forward for m in range(n)] + [(b, m) for b in backward for m in range(n)]
     return orders_from_sequence(placement, sequence)
 

@@ -12,7 +12,7 @@ from lmexec.reporting import console, output_path, picture_path, print_table, wr
 from lmexec.tessel.baselines import BASELINES, baseline_schedule
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.render import ascii_gantt, chrome_trace
-from lmexec.tessel.schedule import Schedule, Task
+from lmexec.tessel.schedule import MAX_MICRO_BATCHES, Schedule, Task
 from lmexec.tessel.shapes import SHAPES, build_placement, load_placement, parse_overrides
 
 
@@ -70,6 +70,13 @@ def _memory(text: str) -> float | list[float]:
     if any(math.isnan(v) for v in values):
         raise argparse.ArgumentTypeError(f"memory must be a number (inf: unlimited), got {text!r}")
     return values[0] if len(values) == 1 else values
+
+
+def micro_batch_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_MICRO_BATCHES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_MICRO_BATCHES} micro-batches, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -155,6 +162,12 @@ def _one_micro_batch(placement: Placement) -> list[Task]:
 def cmd_baseline(args: argparse.Namespace) -> int:
     placement = placement_from_args(args)
     names = list(BASELINES) if args.schedule == "all" else [args.schedule]
+    if len(names) > 1:
+        asked = [flag for flag in ("png", "trace", "save") if getattr(args, flag, None)]
+        if asked:
+            raise UserError(
+                f"--{'/--'.join(asked)} write one schedule: pick it with -s NAME ({', '.join(BASELINES)})"
+            )
     results = {}
     rows = []
     for name in names:
@@ -225,7 +238,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = sub.add_parser("baseline", help="classical schedules: gpipe, 1f1b, interleaved, chimera, zbh1")
     add_placement_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=positive_int, default=8, help="number of micro-batches (default 8)"
+        "--micro-batches", "-n", type=micro_batch_count, default=8, help="number of micro-batches (default 8)"
     )
     p.add_argument(
         "--schedule", "-s", default="all", choices=[*BASELINES, "all"], help="which baseline (default all)"

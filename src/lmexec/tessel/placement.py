@@ -25,6 +25,7 @@ from lmexec.errors import UserError
 from lmexec.tessel.block import Block, BlockKind
 
 MAX_DURATION = 1e15  # beyond this, sums of durations lose all precision (and the solvers' integers overflow)
+MAX_DEVICES = 4096  # far past any pipeline; a typo like 10**12 devices would exhaust memory, not fail
 SCHEMA_KEYS = {"name", "devices", "capacity", "static_memory", "blocks"}
 BLOCK_KEYS = {"name", "kind", "duration", "memory", "devices", "after"}
 
@@ -52,10 +53,18 @@ def _per_device(value: Any, num_devices: int, what: str, default: float) -> tupl
     raise UserError(f"{what} must be a number or a list of {num_devices} numbers, got {value!r}")
 
 
+def _float(value: float, what: str) -> float:
+    """``float(value)``, with a user error for JSON integers too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise UserError(f"{what} is too large: {str(value)[:20]}... ({len(str(value))} digits)") from None
+
+
 def _amount(value: float, what: str) -> float:
     """A memory amount: NaN would switch every comparison off (a limit that never binds), so it is refused;
     static memory must be finite and >= 0, a capacity may be inf (unlimited)."""
-    value = float(value)
+    value = _float(value, what)
     if math.isnan(value) or (what == "static_memory" and not 0 <= value < math.inf):
         kind = "a finite number >= 0" if what == "static_memory" else "a number (inf or null: unlimited)"
         raise UserError(f"{what} must be {kind}, got {value}")
@@ -73,8 +82,8 @@ class Placement:
     static_memory: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_devices, int) or self.num_devices < 1:
-            raise UserError(f"placement {self.name!r}: device count must be a positive integer")
+        if not isinstance(self.num_devices, int) or not 1 <= self.num_devices <= MAX_DEVICES:
+            raise UserError(f"placement {self.name!r}: device count must be an integer in 1..{MAX_DEVICES}")
         object.__setattr__(
             self,
             "capacity",
@@ -167,7 +176,9 @@ class Placement:
                 continue
             least, chosen = _least_closure_memory(self, device)
             if least < -1e-9 * scale:
-                frees = sorted(n for n in chosen if self.block(n).memory < 0 and device in self.block(n).devices)
+                frees = sorted(
+                    n for n in chosen if self.block(n).memory < 0 and device in self.block(n).devices
+                )
                 raise UserError(
                     f"{where}: blocks {', '.join(map(repr, frees))} together free more on device {device} than "
                     f"the blocks they depend on took there (memory would reach {least:g})"
@@ -336,8 +347,10 @@ class Placement:
             if key not in data:
                 raise UserError(f"placement JSON is missing the key {key!r}")
         devices = data["devices"]
-        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-            raise UserError(f"placement JSON: 'devices' must be a positive integer, got {devices!r}")
+        if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= MAX_DEVICES:
+            raise UserError(
+                f"placement JSON: 'devices' must be an integer in 1..{MAX_DEVICES}, got {devices!r}"
+            )
         if not isinstance(data["blocks"], list):
             raise UserError("placement JSON: 'blocks' must be a list of block objects")
         blocks = tuple(_block_from_dict(item, i) for i, item in enumerate(data["blocks"]))
@@ -364,6 +377,8 @@ class Placement:
             raise UserError(
                 f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
             ) from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply to be a placement") from None
         try:
             return cls.from_dict(data)
         except UserError as error:
@@ -405,9 +420,9 @@ def _block_from_dict(item: Any, position: int) -> Block:
         after = [after]
     if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
         raise UserError(f"{where}: 'after' must be a list of block names")
-    return Block(
-        name, kind, float(item["duration"]), float(item.get("memory", 0)), tuple(devices), tuple(after)
-    )
+    duration = _float(item["duration"], f"{where}: 'duration'")
+    memory = _float(item.get("memory", 0), f"{where}: 'memory'")
+    return Block(name, kind, duration, memory, tuple(devices), tuple(after))
 
 
 def chain(blocks: Iterable[Block]) -> list[Block]:
@@ -426,7 +441,10 @@ def _least_memory_before(placement: Placement, block: Block, device: int) -> flo
 
 
 def _least_closure_memory(
-    placement: Placement, device: int, forced_in: frozenset[str] = frozenset(), forced_out: set[str] | None = None
+    placement: Placement,
+    device: int,
+    forced_in: frozenset[str] = frozenset(),
+    forced_out: set[str] | None = None,
 ) -> tuple[float, set[str]]:
     """The least memory a dependency-closed set S of blocks (``forced_in`` in, ``forced_out`` out) leaves
     on ``device``, and such an S: a maximum-profit closure with profit = -memory, via networkx min cut."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from lmexec.tessel.schedule import Schedule
@@ -11,17 +12,13 @@ from lmexec.tessel.schedule import Schedule
 def ascii_gantt(schedule: Schedule, max_width: int = 160, unit: float | None = None) -> str:
     """One row per device, one cell per ``unit`` of time; a cell shows the block kind letter and the
     micro-batch (``F3``, ``B3`` ...), continued with ``-`` while the block runs, ``.`` when idle and
-    ``|`` at the repetend's bounds. Long schedules are scaled down to ``max_width`` characters."""
+    ``|`` at the repetend's bounds. Long schedules are scaled down to ``max_width`` characters; a cell
+    then shows the first block that starts in it (the trace and the PNG show every block)."""
     placement = schedule.placement
     if not schedule.tasks:
         return "(empty schedule)"
     if unit is None:
-        unit = min(b.duration for b in placement.blocks)
-        durations = [b.duration for b in placement.blocks]
-        for d in durations:  # largest unit that divides every duration, if any
-            if abs(d / unit - round(d / unit)) > 1e-6:
-                unit = min(durations) / 4
-                break
+        unit = _common_unit([b.duration for b in placement.blocks])
     label_width = (
         max(len(f"{placement.block(t.block).kind.short}{t.micro_batch}") for t in schedule.tasks) + 1
     )
@@ -34,15 +31,16 @@ def ascii_gantt(schedule: Schedule, max_width: int = 160, unit: float | None = N
         row = ["." * label_width] * cells
         for task in schedule.tasks_on(device):
             block = placement.block(task.block)
-            first = int(round((task.start - start0) / unit)) // scale
+            first = int(math.floor((task.start - start0) / unit + 1e-9)) // scale
             last = max(
                 first, int(math.ceil((task.start - start0 + block.duration) / unit - 1e-9)) // scale - 1
             )
             label = f"{block.kind.short}{task.micro_batch}".ljust(label_width, " ")
-            if row[first].startswith("."):
+            if not row[first][0].isalnum():  # a block's start wins over another's tail (coarse cells)
                 row[first] = label
             for cell in range(first + 1, min(last + 1, cells)):
-                row[cell] = "-" * label_width
+                if row[cell].startswith("."):
+                    row[cell] = "-" * label_width
         rows.append(row)
     if schedule.repetend is not None:
         for bound in schedule.repetend:
@@ -53,6 +51,24 @@ def ascii_gantt(schedule: Schedule, max_width: int = 160, unit: float | None = N
     header = f"time unit per cell: {unit * scale:g}"
     width = len(str(placement.num_devices - 1))
     return "\n".join([header] + [f"d{d:<{width}} " + "".join(r) for d, r in enumerate(rows)])
+
+
+def _common_unit(durations: list[float]) -> float:
+    """The largest time that divides every duration (as fractions with denominators up to 1000), or a
+    quarter of the shortest one where that would be too fine to draw."""
+    unit = Fraction(0)
+    for d in durations:
+        unit = _gcd(unit, Fraction(d).limit_denominator(1000))
+    shortest = min(durations)
+    if unit == 0 or float(unit) < shortest / 20:
+        return shortest / 4
+    return float(unit)
+
+
+def _gcd(a: Fraction, b: Fraction) -> Fraction:
+    return Fraction(
+        math.gcd(a.numerator * b.denominator, b.numerator * a.denominator), a.denominator * b.denominator
+    )
 
 
 def chrome_trace(schedule: Schedule, time_scale_us: float = 1000.0) -> dict[str, Any]:

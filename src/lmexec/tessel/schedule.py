@@ -21,6 +21,9 @@ from typing import Any
 from lmexec.errors import UserError
 from lmexec.tessel.placement import Placement
 
+MAX_MICRO_BATCHES = 100_000
+"""Far past any training step; bounds the work a typo (``1e300``) would ask for."""
+
 EPS = 1e-9
 
 
@@ -234,19 +237,23 @@ class Schedule:
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
         try:
             placement = Placement.from_dict(data["placement"])
-            tasks = [Task(float(t["start"]), str(t["block"]), _whole(t["micro_batch"], "micro_batch"))
+            tasks = [Task(_time(t["start"], "a task's start"), str(t["block"]), _whole(t["micro_batch"], "micro_batch"))
                      for t in data["tasks"]]  # fmt: skip
-            repetend = tuple(data["repetend"]) if data.get("repetend") else None
+            repetend = tuple(_time(v, "repetend") for v in data["repetend"]) if data.get("repetend") else None
             micro_batches = _whole(data["micro_batches"], "micro_batches")
-            if micro_batches < 1:
-                raise UserError(f"schedule JSON: micro_batches must be at least 1, got {micro_batches}")
-            return cls(placement, micro_batches, tasks, data.get("name", ""), repetend,
-                       dict(data.get("info") or {}))  # fmt: skip
+            if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
+                raise UserError(
+                    f"schedule JSON: micro_batches must be in 1..{MAX_MICRO_BATCHES}, got {micro_batches}"
+                )
+            name = data.get("name", "")
+            if not isinstance(name, str):
+                raise UserError(f"schedule JSON: name must be a string, got {name!r}")
+            return cls(placement, micro_batches, tasks, name, repetend, dict(data.get("info") or {}))
         except UserError:
             raise
         except KeyError as error:
             raise UserError(f"schedule JSON is missing the key {error.args[0]!r}") from None
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise UserError(f"schedule JSON is malformed: {error}") from None
 
     @classmethod
@@ -263,11 +270,25 @@ class Schedule:
             raise UserError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
         except UnicodeDecodeError:
             raise UserError(f"schedule file {path} is not a JSON text file") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply to be a schedule") from None
+
+
+def _time(value: Any, what: str) -> float:
+    """A time from JSON: a number ("5" or true are mistakes), finite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"schedule JSON: {what} must be a number, got {value!r}")
+    return float(value)
 
 
 def _whole(value: Any, what: str) -> int:
     """A whole number from JSON; 1.7, "8" or true are mistakes, not numbers to round."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(float(value))
+        or not float(value).is_integer()
+    ):
         raise UserError(f"schedule JSON: {what} must be a whole number, got {value!r}")
     return int(value)
 

@@ -29,11 +29,11 @@ computed (it still needs the layer inputs and output gradients).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from lmexec.errors import UserError
 from lmexec.tessel.block import Block, BlockKind
-from lmexec.tessel.placement import Placement, chain
+from lmexec.tessel.placement import MAX_DEVICES, Placement, chain
 
 ROLE_DEFAULTS: dict[str, tuple[float, float]] = {
     "F": (1.0, 1.0),
@@ -53,8 +53,11 @@ class _Maker:
     devices: int
     shape_defaults: Mapping[str, Mapping[str, float]]
     overrides: Overrides
+    read: set[tuple[str, str]] = field(default_factory=set)
+    """(role, key) pairs the shape asked for: an override of any other would be silently ignored."""
 
     def value(self, role: str, key: str, default: float | None = None) -> float:
+        self.read.add((role, key))
         if key in self.overrides.get(role, {}):
             return float(self.overrides[role][key])
         if key in self.shape_defaults.get(role, {}):
@@ -82,7 +85,9 @@ class _Maker:
 
     def a_back(self, name: str, forward: Block) -> Block:
         """The backward of an all-device forward: it releases what that forward kept."""
-        return self.make("A", name, forward.devices, BlockKind.BACKWARD, -forward.memory if forward.memory else 0.0)
+        return self.make(
+            "A", name, forward.devices, BlockKind.BACKWARD, -forward.memory if forward.memory else 0.0
+        )
 
 
 def _pipeline(m: _Maker, devices: list[int], prefix: str = "") -> tuple[list[Block], list[Block]]:
@@ -228,6 +233,8 @@ def build_placement(
     spec = SHAPES[shape]
     if not isinstance(devices, int) or devices < max(1, spec.min_devices):
         raise UserError(f"{shape} needs at least {max(1, spec.min_devices)} device(s), got {devices!r}")
+    if devices > MAX_DEVICES:
+        raise UserError(f"{shape}: at most {MAX_DEVICES} devices, got {devices}")
     overrides = dict(overrides or {})
     for role, values in overrides.items():
         if role not in ROLE_DEFAULTS:
@@ -242,6 +249,14 @@ def build_placement(
     if chunks is not None and shape != "interleaved":
         raise UserError("--chunks applies to the interleaved placement only")
     placement = Placement(shape, devices, tuple(spec.build(maker, **kwargs)))
+    unused = [
+        f"{role}.{key}"
+        for role, values in overrides.items()
+        for key in values
+        if (role, key) not in maker.read
+    ]
+    if unused:
+        raise UserError(f"{shape} has no block that --set {', '.join(unused)} would change")
     if inference:
         placement = placement.forward_only()
     if capacity is not None or static_memory is not None:

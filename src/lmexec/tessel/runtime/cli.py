@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmexec.errors import UserError
 from lmexec.reporting import console, output_path, picture_path, print_table, write_json
-from lmexec.tessel.cli import positive_int
+from lmexec.tessel.cli import micro_batch_count, positive_int
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.settings import MIN_GAIN
 from lmexec.tessel.runtime.settings import PROFILE_SHAPES as SHAPES
@@ -71,7 +71,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     )
     _model_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=positive_int, default=8, help="micro-batches per step (default 8)"
+        "--micro-batches", "-n", type=micro_batch_count, default=8, help="micro-batches per step (default 8)"
     )
     p.add_argument("--steps", type=positive_int, default=10, help="training steps per schedule (default 10)")
     p.add_argument(

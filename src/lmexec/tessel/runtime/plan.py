@@ -6,6 +6,7 @@ differences come from the order alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmexec.errors import UserError
@@ -56,8 +57,8 @@ def baseline_preference(schedule: Schedule) -> tuple[float, float]:
 def prefer_baseline(schedule: Schedule, min_gain: float = MIN_GAIN) -> Schedule:
     """``schedule``, or the best valid applicable baseline (:func:`baseline_preference`) when ``schedule`` is
     not predicted at least ``min_gain`` (a fraction) faster than it; the name then says which baseline, e.g. ``tessel-cpsat (1f1b)``."""
-    if min_gain < 0:
-        raise UserError(f"--min-gain must be >= 0, got {min_gain}")
+    if not 0 <= min_gain < math.inf:
+        raise UserError(f"--min-gain must be a finite number >= 0, got {min_gain}")
     if min_gain == 0:
         return schedule  # the search's result as it is
     candidates = [

@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 
 def register_search(sub: argparse._SubParsersAction) -> None:
     """Add the ``search`` subcommand to ``lmexec tessel``."""
-    from lmexec.tessel.cli import add_placement_args, positive_int
+    from lmexec.tessel.cli import add_placement_args, micro_batch_count, positive_int
 
     p = sub.add_parser("search", help="search a repetend schedule (modulo scheduling) and complete it for N")
     add_placement_args(p)
     p.add_argument(
-        "--micro-batches", "-n", type=positive_int, default=None, help="micro-batches (default 4 x devices)"
+        "--micro-batches",
+        "-n",
+        type=micro_batch_count,
+        default=None,
+        help="micro-batches (default 4 x devices)",
     )
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds for the whole search (default 30)")
     p.add_argument("--solver", choices=["cpsat", "z3"], default="cpsat", help="repetend solver")
