@@ -38,6 +38,9 @@ def test_parse_budget():
     assert parse_budget("0.125") == 0.125
     with pytest.raises(UserError, match="must be a number"):
         parse_budget("lots")
+    for text in ("inf", "-inf", "1e400", "nan"):
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_budget(text)
 
 
 @pytest.mark.parametrize(("k", "sink", "recent"), [(8, 2, 3), (5, 0, 5), (12, 4, 1), (3, 3, 0)])

@@ -57,3 +57,35 @@ def test_tokens_past_the_position_table_are_refused():
     check_positions(model, 8192, "--context")
     with pytest.raises(UserError, match="--context 8193 exceeds the model's 8192 positions"):
         check_positions(model, 8193, "--context")
+
+
+def _model_folder(tmp_path, kind):
+    from transformers import GPT2Config, LlamaConfig
+
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "broken-json":
+        (folder / "config.json").write_text("{not json")
+    elif kind == "gpt2":
+        GPT2Config(n_layer=1, n_embd=64, n_head=2).save_pretrained(folder)
+    else:  # a llama config without its weights
+        LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("broken-json", "cannot load the config in"),
+        ("gpt2", "model family 'gpt2' is not supported"),
+        ("config-only", "cannot load the model in"),
+    ],
+)
+@pytest.mark.parametrize("command", ["fidelity", "train"])
+def test_model_folders_transformers_cannot_use_are_one_line_errors(capsys, tmp_path, kind, message, command):
+    folder = _model_folder(tmp_path, kind)
+    extra = ["--positions", "2"] + (["--out", str(tmp_path / "w.safetensors")] if command == "train" else [])
+    assert main(["hata", command, "--model", str(folder), "--context", "64", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -30,3 +30,47 @@ def test_mismatch_and_corruption_are_clear(tmp_path):
     broken.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="not a readable safetensors file"):
         load_hash_weights(broken, 30, 3, 64)
+
+
+def _llama_config(**changes):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_weights_match_the_model_whether_or_not_its_config_names_the_architecture(tmp_path):
+    from lmexec.hata.weights import load_for_model, model_signature
+
+    bare = _llama_config(architectures=None)  # a config converted from GGUF names none
+    named = _llama_config(architectures=["LlamaForCausalLM"])  # a Hub config does
+    for made_for in (model_signature(bare), "LlamaForCausalLM" + model_signature(bare)[len("llama") :]):
+        path = save_hash_weights(
+            tmp_path / "w.safetensors", {1: torch.randn(1, 64, 64)}, 2, extra={"model_config": made_for}
+        )
+        for config in (bare, named):
+            assert load_for_model(path, config, 64).keys() == {1}
+    with pytest.raises(UserError, match="trained for another model"):
+        load_for_model(path, _llama_config(vocab_size=1000), 64)
+
+
+def test_damaged_bits_metadata_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    metadata = {
+        "format": "lmexec-hata-weights",
+        "bits": "abc",
+        "n_layers": "2",
+        "n_kv_heads": "1",
+        "head_dim": "64",
+    }
+    save_file({"layers.1.hash_weight": torch.randn(1, 64, 64)}, str(path), metadata=metadata)
+    with pytest.raises(UserError, match="metadata bits='abc' is not a bit width"):
+        load_hash_weights(path, 2, 1, 64)
+    del metadata["bits"]
+    save_file({"layers.1.hash_weight": torch.randn(1, 64, 64)}, str(path), metadata=metadata)
+    with pytest.raises(UserError, match="metadata bits=None is not a bit width"):
+        load_hash_weights(path, 2, 1, 64)

@@ -73,4 +73,6 @@ def parse_budget(text: str) -> float:
         value = float(text)
     except ValueError:
         raise UserError(f"budget must be a number (a ratio below 1 or a token count), got {text!r}") from None
+    if not math.isfinite(value):
+        raise UserError(f"budget must be a finite number (a ratio below 1 or a token count), got {text!r}")
     return int(value) if value >= 1 and value == int(value) else value

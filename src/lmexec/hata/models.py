@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +91,43 @@ def model_dir(name_or_path: str) -> Path:
     raise UserError(f"unknown model {name_or_path!r}: use one of {known} or a folder with config.json")
 
 
+@contextmanager
+def _load_errors(path: Path, what: str) -> Iterator[None]:
+    """transformers' errors for a folder it cannot load as one line naming the folder and the part."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"cannot load the {what} in {path}: {text[:300]}") from None
+
+
 def load_model(name_or_path: str, dtype: Any = None, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` in eval mode from the local copy; never downloads."""
+    """Load ``(model, tokenizer)`` in eval mode from the local copy; never downloads.
+
+    The family is checked on the config before any weight is read, and a folder transformers cannot
+    load (missing weights or tokenizer, broken JSON) is a one-line error naming the folder."""
+    from types import SimpleNamespace
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from lmexec.hata.hf.enable import model_shape
 
     _offline()
     hf_logging.disable_progress_bar()  # our own progress display is enough
     path = model_dir(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _load_errors(path, "config"):
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model_shape(SimpleNamespace(config=config))  # a family we do not support: say so before loading
+    with _load_errors(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True
+        )
+    with _load_errors(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
     return model, tokenizer
 

@@ -39,7 +39,7 @@ def model_signature(config: Any) -> str:
     """Architecture and the shapes that decide q/k (a transformers config) as one comparable string."""
     h_q = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // h_q
-    arch = ",".join(getattr(config, "architectures", None) or [config.model_type])
+    arch = config.model_type  # not ``architectures``: a converted GGUF config has none, a Hub one has it
     rope = getattr(config, "rope_theta", None)
     if rope is None:
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
@@ -47,6 +47,13 @@ def model_signature(config: Any) -> str:
         f"{arch} layers={config.num_hidden_layers} hidden={config.hidden_size} heads={h_q} "
         f"kv_heads={config.num_key_value_heads} head_dim={head_dim} vocab={config.vocab_size} rope_theta={rope}"
     )
+
+
+def _same_model(made_for: str, signature: str, aliases: tuple[str, ...]) -> bool:
+    """Equal shapes, and the file's architecture is the model's type or one of its other names."""
+    file_arch, _, file_shapes = made_for.partition(" ")
+    arch, _, shapes = signature.partition(" ")
+    return file_shapes == shapes and (file_arch == arch or file_arch in aliases)
 
 
 def tensor_name(layer: int) -> str:
@@ -96,11 +103,13 @@ def load_hash_weights(
     head_dim: int,
     bits: int | None = None,
     signature: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> dict[int, torch.Tensor]:
     """Read and validate a projection file -> ``{layer: W [H_kv, d, bits]}`` (fp32).
 
     ``signature`` (:func:`model_signature` of the model) is compared with the file's ``model_config``
-    when both exist.
+    when both exist; ``aliases`` are other names of the model's architecture (its ``architectures``),
+    which files written before the signature used ``model_type`` may name instead.
     """
     from safetensors import safe_open
 
@@ -117,6 +126,12 @@ def load_hash_weights(
         raise UserError(
             f"{path} is not an lmexec HATA weights file (metadata format={metadata.get('format')!r})"
         )
+    try:
+        file_bits = int(metadata.get("bits", ""))
+    except ValueError:
+        raise UserError(
+            f"hash weights {path}: metadata bits={metadata.get('bits')!r} is not a bit width"
+        ) from None
     expected = {"n_layers": n_layers, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
     if bits is not None and metadata.get("bits") != str(check_bits(bits)):
         raise UserError(
@@ -129,7 +144,7 @@ def load_hash_weights(
                 f"hash weights {path} were made for {key}={metadata.get(key)}, but the model has {key}={value}"
             )
     made_for = metadata.get("model_config")
-    if signature is not None and made_for and made_for != signature:
+    if signature is not None and made_for and not _same_model(made_for, signature, aliases):
         raise UserError(
             f"hash weights {path} were trained for another model ({made_for}); this model is "
             f"{signature}. Train weights for it with `lmexec hata train --model ...`"
@@ -143,7 +158,7 @@ def load_hash_weights(
         match = _NAME.match(name)
         if not match or int(match.group(1)) >= n_layers:
             raise UserError(f"hash weights {path} hold an unexpected tensor {name!r}")
-        weights[int(match.group(1))] = check_projection(tensor, n_kv_heads, head_dim, int(metadata["bits"]))
+        weights[int(match.group(1))] = check_projection(tensor, n_kv_heads, head_dim, file_bits)
     if not weights:
         raise UserError(f"hash weights {path} hold no layers")
     return weights
@@ -164,6 +179,18 @@ def load_for_model(path: str | Path, config: Any, bits: int | None = None) -> di
     """:func:`load_hash_weights` with every check taken from a transformers ``config``."""
     h_q = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // h_q
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    aliases = (
+        ",".join(getattr(config, "architectures", None) or []),
+        str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "")),
+    )
     return load_hash_weights(
-        path, config.num_hidden_layers, config.num_key_value_heads, head_dim, bits, model_signature(config)
+        path,
+        config.num_hidden_layers,
+        config.num_key_value_heads,
+        head_dim,
+        bits,
+        model_signature(config),
+        aliases,
     )
