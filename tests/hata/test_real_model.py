@@ -105,3 +105,21 @@ def test_fidelity_cli_end_to_end(smollm2, tmp_path, capsys):
     )
     full = [r for r in result["results"] if r["budget"] == 512]
     assert all(r["mass_recall"] == pytest.approx(1.0) and r["output_error"] < 1e-4 for r in full)
+
+
+def test_bench_e2e_counts_the_bytes_of_the_method_it_runs(smollm2, tmp_path, capsys):
+    from lmexec.hata.bench_e2e import step_bytes
+    from lmexec.hata.selection import Oracle, Quest, SimHash
+
+    out = tmp_path / "e2e.json"
+    args = ["hata", "bench-e2e", "--context", "256", "--batch", "1", "--new-tokens", "4", "--method", "quest"]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"dense", "quest"} and rows["quest"]["generated"] == 4
+    model, k = smollm2[0], report["budget_tokens"]
+    quest = step_bytes(model, 1, 256, Quest(), k, 2)
+    assert rows["quest"]["bytes_per_step"] == quest < rows["dense"]["bytes_per_step"]
+    assert quest != step_bytes(model, 1, 256, SimHash(bits=128), k, 2)  # not HATA's code bytes
+    assert step_bytes(model, 1, 256, Oracle(), k, 2) > quest  # the oracle reads all of K
+    assert rows["quest"]["ceiling_tokens_per_s"] > rows["dense"]["ceiling_tokens_per_s"] > 0

@@ -23,12 +23,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.bench import load_average, measure_bandwidth
 from lmexec.hata.budget import Budget
+
+if TYPE_CHECKING:
+    from lmexec.hata.selection import SelectionMethod
 
 
 @dataclass
@@ -70,8 +74,10 @@ class _Stamps:
         return scores
 
 
-def step_bytes(model, batch: int, n: int, k: int | None, dense_layers: int, bits: int) -> int:
-    """Bytes one decode step reads: fp32 weights once, plus KV (all of it, or codes + k rows)."""
+def step_bytes(model, batch: int, n: int, method: SelectionMethod, k: int, dense_layers: int) -> int:
+    """Bytes one decode step reads: fp32 weights once, plus KV: all of it for ``dense``, else the
+    method's selection traffic (``selection_bytes_per_token``: codes, page bounds, a slice of K...) and
+    the k selected K/V rows in each sparse layer."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     layers = cfg.num_hidden_layers
@@ -79,10 +85,11 @@ def step_bytes(model, batch: int, n: int, k: int | None, dense_layers: int, bits
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     element = next(model.parameters()).element_size()
     full_layer = n * kv_heads * head_dim * 2 * element
-    if k is None:
+    per_token = method.selection_bytes_per_token(head_dim, element)
+    if per_token is None:  # dense
         kv = layers * full_layer
     else:
-        sparse = n * kv_heads * bits // 8 + k * kv_heads * head_dim * 2 * element
+        sparse = round(n * kv_heads * per_token) + k * kv_heads * head_dim * 2 * element
         kv = dense_layers * full_layer + (layers - dense_layers) * sparse
     return weights + batch * kv
 
@@ -146,9 +153,7 @@ def run_e2e(cfg: E2EConfig, progress: Callable[[str], None] | None = None) -> di
             steps = len(stamps.times)
             elapsed = stamps.times[-1] - stamps.times[0]
             tokens_per_s = batch * (steps - 1) / elapsed if elapsed > 0 else None
-            nbytes = step_bytes(
-                model, batch, cfg.context, None if name == "dense" else k, cfg.dense_layers, cfg.bits
-            )
+            nbytes = step_bytes(model, batch, cfg.context, settings.method, k, cfg.dense_layers)
             sparse_steps = int(settings.stats["steps"])  # decode calls that went sparse (layer x step)
             measured[name] = {
                 "batch": batch,
