@@ -65,6 +65,17 @@ def picture_path(text: str) -> str:
     return output_path(text)
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure, creating parent folders (as :func:`output_path` promised), and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, creating parent folders."""
     path = Path(path)

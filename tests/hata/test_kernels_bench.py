@@ -13,7 +13,7 @@ from lmexec.hata.bench import BenchConfig, method_bytes, run_bench
 
 
 def test_bench_cli_small(tmp_path, capsys):
-    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    out, png = tmp_path / "b.json", tmp_path / "new" / "b.png"  # the picture's folder is made
     code = main(
         [
             "hata", "bench", "--contexts", "300,1000", "--batch", "1,2", "--heads", "4", "--kv-heads", "2",
@@ -46,6 +46,8 @@ def test_bench_cli_small(tmp_path, capsys):
     assert all(0 < rate <= result["bandwidth_used_gbs"] for rate in result["row_bandwidth_used_gbs"].values())
     assert len(result["checks"]) == 8
     assert all(c["of_own_access_bound"] <= c["of_own_bound"] * (1 + 1e-9) for c in result["checks"])
+    for r in rows:  # 2 repeats: the percentiles lie within the samples, not extrapolated past them
+        assert min(r["samples"]) <= r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] <= max(r["samples"])
     printed = "".join(capsys.readouterr().out.split())  # titles wrap at the console's width
     assert "HATAagainstthetargets" in printed and "(randomrows:float32" in printed
 
@@ -99,6 +101,9 @@ def test_bytes_per_method():
         (["--evict-mb", "-1"], "--evict-mb must be >= 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--row-probe-gib", "0"], "--row-probe-gib must be >= 0.001"),
+        (["--batch", "1,0"], "--batch must be positive whole numbers"),
+        (["--max-cache-gib", "0"], "--max-cache-gib must be > 0"),
+        (["--max-cache-gib", "-1"], "--max-cache-gib must be > 0"),
         (["--device", "tpu"], "--device must be one of cpu, cuda"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     ],

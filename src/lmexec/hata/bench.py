@@ -51,6 +51,7 @@ from lmexec.hata.cache import GrowableBuffer, LayerCache
 from lmexec.hata.codes import check_bits
 from lmexec.hata.selection import Hata, Loki, Quest, fit_basis
 from lmexec.hata.selection.base import SelectionMethod
+from lmexec.reporting import save_figure
 
 METHODS = ("dense", "hata", "quest", "loki")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,10 +109,12 @@ class BenchConfig:
             raise UserError(f"unknown dtypes {bad}: use some of {', '.join(DTYPES)}")
         if self.kv_heads < 1 or self.heads % self.kv_heads:
             raise UserError(f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}")
-        for name in ("contexts", "batches"):
+        for name, flag in (("contexts", "contexts"), ("batches", "batch")):
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
-                raise UserError(f"--{name} must be positive whole numbers, got {values}")
+                raise UserError(f"--{flag} must be positive whole numbers, got {values}")
+        if not self.max_cache_gib > 0:
+            raise UserError(f"--max-cache-gib must be > 0, got {self.max_cache_gib}")
         for flag, value, least in (("head-dim", self.head_dim, 1), ("repeats", self.repeats, 1),
                                    ("warmup", self.warmup, 0), ("evict-mb", self.evict_mb or 0, 0),
                                    ("threads", self.threads, 0), ("row-probe-gib", self.row_probe_gib, 1e-3)):  # fmt: skip
@@ -453,7 +456,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     for name in cfg.methods:
                         samples, cpu, timing = times[name]
                         nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
-                        qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+                        qs = (
+                            statistics.quantiles(samples, n=10, method="inclusive")
+                            if len(samples) > 1
+                            else samples * 9
+                        )
                         rows.append(
                             Row(
                                 dtype_name,
@@ -552,6 +559,8 @@ def plot(result: dict[str, object], path: str) -> str:
 
     rows = result["rows"]
     assert isinstance(rows, list)
+    if not rows:
+        raise UserError("no case ran (every one was over --max-cache-gib): nothing to plot")
     panels = sorted({(r["dtype"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (dtype, batch) in zip(axes[0], panels, strict=True):
@@ -575,6 +584,4 @@ def plot(result: dict[str, object], path: str) -> str:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return str(save_figure(fig, path))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmexec.reporting import save_figure
+
 
 def plot_mass_recall(result: dict[str, Any], path: str | Path) -> Path:
     """Write a PNG of mass recall (y) against budget tokens (x, log scale) for every table row."""
@@ -38,8 +40,4 @@ def plot_mass_recall(result: dict[str, Any], path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from lmexec.reporting import save_figure  # noqa: E402
 from lmexec.tessel.block import BlockKind  # noqa: E402
 from lmexec.tessel.schedule import Schedule  # noqa: E402
 
@@ -84,7 +85,4 @@ def draw_gantt(schedule: Schedule, path: str | Path, title: str | None = None) -
         loc="left",
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -25,6 +25,7 @@ from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.hf.tasks import DEFAULT_DEPTHS, TASKS, Sample, is_correct, make_samples
 from lmexec.hata.selection import Dense
+from lmexec.reporting import save_figure
 
 Progress = Callable[[str, int], Callable[[], None]]
 
@@ -274,7 +275,6 @@ def plot_eval(result: dict[str, Any], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pathlib import Path
 
     import matplotlib.pyplot as plt
 
@@ -307,8 +307,4 @@ def plot_eval(result: dict[str, Any], path: str) -> str:
         fontsize=10,
     )
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return str(out)
+    return str(save_figure(fig, path, dpi=110))

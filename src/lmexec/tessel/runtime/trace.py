@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmexec.reporting import save_figure
 from lmexec.tessel.block import BlockKind
 from lmexec.tessel.runtime.pipelining_adapter import stage_chain
 from lmexec.tessel.runtime.plan import PlannedRun
@@ -103,7 +104,4 @@ def draw_planned_vs_measured(
     if title:
         fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
