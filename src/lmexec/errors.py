@@ -7,3 +7,10 @@ keeps its traceback.
 
 class UserError(ValueError):
     """Raised for invalid user input; the message must name the problem and how to fix it."""
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """A seed torch's generators take (a signed 64-bit integer >= 0), or a UserError naming ``flag``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UserError(f"{flag} must be a whole number in 0..2**63-1, got {seed!r}")
+    return seed

@@ -18,6 +18,7 @@ from lmexec.cli import main
         (["--texts", "poetry"], "unknown text kind(s) poetry"),
         (["--positions", "0"], "--positions must be between 1"),
         (["--context", "8"], "--context must be at least 64"),
+        (["--seed", str(2**80)], "--seed must be a whole number in 0..2**63-1"),
         (["--budget", "4", "--sink", "4", "--recent", "4"], "count inside the budget"),
         (
             ["--model", "no-such-model", "--context", "64", "--positions", "1"],

@@ -91,6 +91,10 @@ def test_summary_counts_retention_against_dense(tmp_path):
         (["--methods", "dense,magic"], "unknown method 'magic'"),
         (["--contexts", "1k"], "--contexts must be comma-separated whole numbers"),
         (["--depths", "1.5"], "depths must lie in [0, 1]"),
+        (["--depths", ""], "--depths needs at least one value"),
+        (["--task", ""], "--task needs at least one value"),
+        (["--bits", "100"], "hash bits must be one of"),
+        (["--dense-layers", "-1", "--methods", "simhash"], "--dense-layers must be >= 0"),
         (["--model", "gpt2-nowhere", "--contexts", "128"], "unknown model 'gpt2-nowhere'"),
     ],
 )

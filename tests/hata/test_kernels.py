@@ -575,6 +575,8 @@ def test_kernel_arguments_are_checked_before_any_unchecked_read(backend):
         codes = kernels.encode(torch.randn(2, 3, 40, 16), torch.randn(3, 16, 64))
         with pytest.raises(ValueError, match=r"valid has shape \[1, 3\]"):
             kernels.hamming_topk(codes[:, :, :2], codes, 4, valid=torch.ones(1, 3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="k must be >= 0, got -1"):
+            kernels.hamming_topk(codes[:, :, :2], codes, -1)
         with pytest.raises(ValueError, match="key codes describe 40 keys but keys/values hold 30"):
             short = torch.randn(2, 3, 30, 16)
             kernels.hamming_topk_attention(

@@ -143,6 +143,13 @@ def test_changed_settings_start_afresh(tmp_path):
     assert log == [[3, 4]] and any("starting afresh" in m for m in messages)
 
 
+def test_a_whole_budget_written_as_a_float_is_the_same_setting():
+    """``--val-budget 128`` parses as 128.0; the default is 128: a rerun must still resume."""
+    config = TrainConfig(model="synthetic", bits=32)
+    assert dataclasses.replace(config, val_budget=128.0).fingerprint() == config.fingerprint()
+    assert dataclasses.replace(config, val_budget=0.25).fingerprint() != config.fingerprint()
+
+
 def _tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -194,6 +201,8 @@ def test_bad_settings_are_user_errors():
         TrainConfig(epochs=0).validate()
     with pytest.raises(UserError, match="hash bits"):
         TrainConfig(bits=100).validate()
+    with pytest.raises(UserError, match="--seed must be a whole number"):
+        TrainConfig(seed=-1).validate()
     with pytest.raises(UserError, match="--positions must be at most"):
         TrainConfig(context=128, positions=100).validate()
 

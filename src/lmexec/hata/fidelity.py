@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmexec.errors import UserError
+from lmexec.errors import UserError, check_seed
 from lmexec.hata.attention import attention_logits, attention_probs, dense_attention, sparse_attention
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
@@ -69,6 +69,7 @@ class FidelityConfig:
 
     def validate(self) -> None:
         check_bits(self.bits)
+        check_seed(self.seed)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise UserError(

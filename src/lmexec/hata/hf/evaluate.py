@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmexec.errors import UserError
+from lmexec.errors import UserError, check_seed
 from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.hf.tasks import DEFAULT_DEPTHS, TASKS, Sample, is_correct, make_samples
@@ -51,8 +51,17 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        from lmexec.hata.codes import check_bits
         from lmexec.hata.selection import METHODS
 
+        for flag, values in (("--task", self.tasks), ("--methods", self.methods), ("--depths", self.depths)):
+            if not values:
+                raise UserError(f"{flag} needs at least one value")
+        if self.bits is not None:
+            check_bits(self.bits)
+        check_seed(self.seed)
+        if self.dense_layers < 0:
+            raise UserError(f"--dense-layers must be >= 0, got {self.dense_layers}")
         for task in self.tasks:
             if task not in TASKS:
                 raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")

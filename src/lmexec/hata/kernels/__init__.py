@@ -164,6 +164,8 @@ def hamming_topk(
     ``key_blocks`` (optional): the same key codes in the CPU kernel's transposed block layout (see
     :func:`code_blocks_wanted`), which it scans about 3x faster than the rows; other backends ignore it."""
     checks.check_codes(query_codes, key_codes, valid, key_blocks)
+    if k < 0:
+        raise ValueError(f"hamming_topk: k must be >= 0, got {k}")
     backend = backend_for(key_codes)
     if backend == "numba":
         from lmexec.hata.kernels import cpu
@@ -245,7 +247,9 @@ def hamming_topk_attention(
     checks.check_attention(query, keys, values, valid=valid, key_codes=key_codes)
     _, h_kv, _, words = _storage(key_codes).shape
     checks.check_projection(w, h_kv, query.shape[2], words)
-    if k <= 0:
+    if k < 0:
+        raise ValueError(f"hamming_topk_attention: k must be >= 0, got {k}")
+    if k == 0:
         return query.new_zeros(*query.shape[:2], values.shape[3])
     if backend_for(_storage(key_codes)) == "numba" and backend_for(_storage(keys)) == "numba":
         from lmexec.hata.kernels import cpu

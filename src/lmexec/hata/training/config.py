@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from lmexec.errors import UserError
+from lmexec.errors import UserError, check_seed
 
 if TYPE_CHECKING:
     from lmexec.hata.training.recipes import Recipe
@@ -45,6 +45,7 @@ class TrainConfig:
         from lmexec.hata.codes import check_bits
         from lmexec.hata.training.recipes import get_recipe
 
+        check_seed(self.seed)
         check_bits(self.bits)
         recipe = get_recipe(self.recipe, self.epochs)
         for name in ("texts", "context", "positions", "val_context", "val_positions", "threads"):
@@ -64,5 +65,8 @@ class TrainConfig:
         return recipe
 
     def fingerprint(self) -> str:
+        """Equal for equal settings: a whole-number budget given as 128.0 (``--val-budget``) is 128."""
         data = {**asdict(self), "trainer_version": TRAINER_VERSION}
+        if float(self.val_budget).is_integer():
+            data["val_budget"] = int(self.val_budget)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
