@@ -325,6 +325,13 @@ def test_enable_refuses_empty_or_mismatched_weights_and_bad_capacity():
     with pytest.raises(UserError, match="64 bits but 128 were requested"):
         enable(model, weights=hash_weights(4), bits=128)
     assert enable(model, weights=hash_weights(4)).method.bits == 64
+    from lmexec.hata.selection import Hata
+
+    with pytest.raises(UserError, match="no projection for sparse layer"):  # an instance is checked too
+        enable(model, method=Hata(hash_weights(2)), dense_layers=1)
+    with pytest.raises(UserError, match=r"shape \[3, 16, 64\] but the model needs \[n_kv_heads=2"):
+        enable(model, method=Hata(hash_weights(4, kv_heads=3)))
+    assert enable(model, method=Hata(hash_weights(4)[3])).method.bits == 64  # one W for every layer
     for capacity in ("10", 5000.5, -1, True):
         with pytest.raises(UserError, match="capacity must be a whole number"):
             enable(model, method="simhash", capacity=capacity)

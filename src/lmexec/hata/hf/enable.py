@@ -89,6 +89,8 @@ def make_method(
     if isinstance(method, SelectionMethod):
         if weights is not None:
             raise UserError("pass weights inside the method instance, not beside it")
+        if isinstance(method, Hata):  # its projections are checked against the model like a file's
+            _check_layers(method, method.weights, shape, dense_layers)
         return method
     if method not in METHODS:
         raise UserError(f"unknown selection method {method!r}: use one of {', '.join(METHODS)}")
@@ -118,14 +120,24 @@ def make_method(
     hata = Hata(
         dict(weights), bits=0 if bits is None else check_bits(bits)
     )  # explicit bits must match the projections' width
-    missing = [layer for layer in range(dense_layers, shape.n_layers) if layer not in weights]
+    _check_layers(hata, weights, shape, dense_layers)
+    return hata
+
+
+def _check_layers(hata: Hata, weights: Any, shape: ModelShape, dense_layers: int) -> None:
+    """Every sparse layer has a projection of the model's shape (the error names the mismatch)."""
+    every_layer = isinstance(weights, torch.Tensor)  # one W for every layer
+    missing = (
+        []
+        if every_layer
+        else [layer for layer in range(dense_layers, shape.n_layers) if layer not in weights]
+    )
     if missing:
         raise UserError(
             f"hash weights have no projection for sparse layer(s) {missing[:8]} (dense_layers={dense_layers})"
         )
     for layer in range(dense_layers, shape.n_layers):
-        hata.projection(layer, shape.n_kv_heads, shape.head_dim)  # shape check, names the mismatch
-    return hata
+        hata.projection(layer, shape.n_kv_heads, shape.head_dim)
 
 
 @dataclass
