@@ -69,8 +69,10 @@ def _model_folder(tmp_path, kind):
         (folder / "config.json").write_text("{not json")
     elif kind == "gpt2":
         GPT2Config(n_layer=1, n_embd=64, n_head=2).save_pretrained(folder)
-    else:  # a llama config without its weights
+    else:  # a llama config without its weights, or with a damaged weights file
         LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1).save_pretrained(folder)
+        if kind == "truncated-weights":
+            (folder / "model.safetensors").write_bytes(b"\x10" * 200)
     return folder
 
 
@@ -80,6 +82,7 @@ def _model_folder(tmp_path, kind):
         ("broken-json", "cannot load the config in"),
         ("gpt2", "model family 'gpt2' is not supported"),
         ("config-only", "cannot load the model in"),
+        ("truncated-weights", "cannot load the model in"),
     ],
 )
 @pytest.mark.parametrize("command", ["fidelity", "train"])

@@ -130,6 +130,20 @@ def _with_block(index, **changes):
             ),
             "blocks 'b0', 'x' together free more on device 0 than the blocks they depend on took there",
         ),
+        (  # the tolerance is per device: a big device 0 does not hide device 1's over-free
+            _doc(
+                blocks=[
+                    {
+                        **b,
+                        "memory": b["memory"]
+                        * (1e12 if b["devices"] == [0] else 100)
+                        * (6 if b["name"] == "b1" else 1),
+                    }
+                    for b in _doc()["blocks"]
+                ]
+            ),  # fmt: skip
+            "block 'b1' frees 600 on device 1, but the blocks it depends on took only 100",
+        ),
         (_doc(capacity=[4, 4, 4]), "lists 3 values but the placement has 2 devices"),
         (_doc(devices=0), "'devices' must be an integer in 1..4096"),
         (_doc(devices=10**12), "'devices' must be an integer in 1..4096"),

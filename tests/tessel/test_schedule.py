@@ -124,6 +124,8 @@ def test_schedule_json_round_trip(tmp_path):
         (lambda d: d.update(micro_batches=10**9), "micro_batches must be in 1..100000"),
         (lambda d: d.update(micro_batches=1e300), "micro_batches must be in 1..100000"),
         (lambda d: d.update(repetend=["a", "b"]), "repetend must be a number"),
+        (lambda d: d.update(repetend=[1.0, float("inf")]), r"repetend must be \[start, end\], finite"),
+        (lambda d: d.update(repetend=[1.0, 2.0, 3.0]), r"repetend must be \[start, end\], finite"),
         (lambda d: d.update(name=[1]), "name must be a string"),
     ],
 )
@@ -142,3 +144,11 @@ def test_ascii_gantt_labels_every_block_when_durations_share_no_unit(b_duration)
     for row in rows:
         labels = row.replace("-", " ").replace(".", " ").replace("|", " ").split()[1:]
         assert sorted(labels) == ["B0", "B1", "B2", "F0", "F1", "F2"]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_ascii_gantt_draws_a_block_far_shorter_than_a_cell_at_the_very_end(schedule):
+    placement = build_placement("vshape", 2, overrides={"B": {"duration": 1e-10}})
+    header, *rows = ascii_gantt(baseline_schedule(placement, schedule, 3)).splitlines()
+    assert header.startswith("time unit per cell") and len(rows) == 2
+    assert all("F0" in row and "B" in row for row in rows)  # the last backward shows, in the last cell

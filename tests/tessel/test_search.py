@@ -79,6 +79,13 @@ def test_periods_skipped_by_the_doubling_are_proven_too() -> None:
     assert result.period == 16 and result.period_bound == 16 and result.period_optimal
 
 
+def test_durations_near_a_fraction_are_not_rounded_to_it() -> None:
+    """30000.00002 is within 1e-9 (relative) of 30000: taken as exact, the schedule broke dependencies."""
+    overrides = {"F": {"duration": 30000.00002}, "B": {"duration": 90000.00002}}
+    result = search(build_placement("vshape", 2, overrides=overrides), 4, **FAST)
+    assert result.schedule.validate() == []
+
+
 def test_tiny_durations_are_not_taken_for_zero() -> None:
     placement = build_placement("vshape", 2, overrides={"F": {"duration": 1e-10}})
     result = search(placement, 8, **FAST)

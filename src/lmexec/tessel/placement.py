@@ -156,7 +156,9 @@ class Placement:
         otherwise memory would go below zero, and the search could 'fit' more micro-batches by it. One
         free is checked against its ancestors (the clearest message), then every dependency-closed set
         of blocks at once (two frees of one allocation pass the first check, not the second)."""
-        scale = max((abs(b.memory) for b in self.blocks), default=0.0)
+        scale = [
+            max((abs(b.memory) for b in self.blocks_on(d)), default=0.0) for d in range(self.num_devices)
+        ]
         for block in self.blocks:
             if block.memory >= 0:
                 continue
@@ -166,7 +168,7 @@ class Placement:
                     for a in self.ancestors[block.name]
                     if device in self.block(a).devices
                 )
-                if before + block.memory < -1e-9 * scale:
+                if before + block.memory < -1e-9 * scale[device]:
                     raise UserError(
                         f"{where}: block {block.name!r} frees {-block.memory:g} on device {device}, but the blocks "
                         f"it depends on took only {before:g} there"
@@ -175,7 +177,7 @@ class Placement:
             if not any(b.memory < 0 and device in b.devices for b in self.blocks):
                 continue
             least, chosen = _least_closure_memory(self, device)
-            if least < -1e-9 * scale:
+            if least < -1e-9 * scale[device]:
                 frees = sorted(
                     n for n in chosen if self.block(n).memory < 0 and device in self.block(n).devices
                 )

@@ -31,7 +31,7 @@ def ascii_gantt(schedule: Schedule, max_width: int = 160, unit: float | None = N
         row = ["." * label_width] * cells
         for task in schedule.tasks_on(device):
             block = placement.block(task.block)
-            first = int(math.floor((task.start - start0) / unit + 1e-9)) // scale
+            first = min(int(math.floor((task.start - start0) / unit + 1e-9)) // scale, cells - 1)
             last = max(
                 first, int(math.ceil((task.start - start0 + block.duration) / unit - 1e-9)) // scale - 1
             )
@@ -54,15 +54,16 @@ def ascii_gantt(schedule: Schedule, max_width: int = 160, unit: float | None = N
 
 
 def _common_unit(durations: list[float]) -> float:
-    """The largest time that divides every duration (as fractions with denominators up to 1000), or a
-    quarter of the shortest one where that would be too fine to draw."""
+    """The largest time that divides every duration exactly (fractions with denominators up to 1000),
+    or a quarter of the shortest one where there is none or it would be too fine to draw."""
+    shortest = min(durations)
     unit = Fraction(0)
     for d in durations:
-        unit = _gcd(unit, Fraction(d).limit_denominator(1000))
-    shortest = min(durations)
-    if unit == 0 or float(unit) < shortest / 20:
-        return shortest / 4
-    return float(unit)
+        frac = Fraction(d).limit_denominator(1000)
+        if frac == 0 or float(frac) != d:
+            return shortest / 4
+        unit = _gcd(unit, frac)
+    return float(unit) if float(unit) >= shortest / 20 else shortest / 4
 
 
 def _gcd(a: Fraction, b: Fraction) -> Fraction:

@@ -240,6 +240,8 @@ class Schedule:
             tasks = [Task(_time(t["start"], "a task's start"), str(t["block"]), _whole(t["micro_batch"], "micro_batch"))
                      for t in data["tasks"]]  # fmt: skip
             repetend = tuple(_time(v, "repetend") for v in data["repetend"]) if data.get("repetend") else None
+            if repetend is not None and (len(repetend) != 2 or not all(math.isfinite(v) for v in repetend)):
+                raise UserError(f"schedule JSON: repetend must be [start, end], finite, got {list(repetend)}")
             micro_batches = _whole(data["micro_batches"], "micro_batches")
             if not 1 <= micro_batches <= MAX_MICRO_BATCHES:
                 raise UserError(
@@ -275,7 +277,7 @@ class Schedule:
 
 
 def _time(value: Any, what: str) -> float:
-    """A time from JSON: a number ("5" or true are mistakes), finite."""
+    """A time from JSON: a number ("5" or true are mistakes; a non-finite start is the validator's to report)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"schedule JSON: {what} must be a number, got {value!r}")
     return float(value)

@@ -200,9 +200,9 @@ def find_repetend(
             hi = mid
         else:
             lo = mid
-    while left() > 0:  # prove the periods the doubling skipped, lowest first, while they settle
+    while left() > 0:  # prove the periods the doubling skipped at the bound: each proof raises it
         gaps = [p for p in range(proven, best.period) if p not in tried]
-        if not gaps or attempt(gaps[0]).status == rp.UNKNOWN:
+        if not gaps or gaps[0] != proven or attempt(gaps[0]).status == rp.UNKNOWN:
             break
     if left() > 0:
         tuned = solve(

@@ -31,7 +31,7 @@ def _exact_scale(values: list[float], limit: int) -> int | None:
     scale = 1
     for value in values:
         frac = Fraction(value).limit_denominator(MAX_DENOMINATOR)
-        if abs(float(frac) - value) > 1e-9 * abs(value):  # relative: 1e-10 is not 0
+        if float(frac) != value:  # only exact: 1e-10 is not 0, and 30000.00002 is not 30000
             return None
         scale = math.lcm(scale, frac.denominator)
     biggest = max((abs(v) for v in values), default=0.0)
