@@ -332,6 +332,11 @@ def test_enable_refuses_empty_or_mismatched_weights_and_bad_capacity():
     with pytest.raises(UserError, match=r"shape \[3, 16, 64\] but the model needs \[n_kv_heads=2"):
         enable(model, method=Hata(hash_weights(4, kv_heads=3)))
     assert enable(model, method=Hata(hash_weights(4)[3])).method.bits == 64  # one W for every layer
+    from lmexec.hata.selection import Loki, SparQ
+
+    for method in (Loki(rank=1000), SparQ(rank=17)):  # head_dim 16
+        with pytest.raises(UserError, match="rank must be between 1 and head_dim=16"):
+            enable(model, method=method)
     for capacity in ("10", 5000.5, -1, True):
         with pytest.raises(UserError, match="capacity must be a whole number"):
             enable(model, method="simhash", capacity=capacity)

@@ -91,6 +91,7 @@ def make_method(
             raise UserError("pass weights inside the method instance, not beside it")
         if isinstance(method, Hata):  # its projections are checked against the model like a file's
             _check_layers(method, method.weights, shape, dense_layers)
+        method.check_model(shape.n_kv_heads, shape.head_dim)
         return method
     if method not in METHODS:
         raise UserError(f"unknown selection method {method!r}: use one of {', '.join(METHODS)}")

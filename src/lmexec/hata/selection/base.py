@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+from lmexec.errors import UserError
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
 
@@ -37,6 +38,14 @@ def top_k_indices(scores: torch.Tensor, budget: Budget, valid: torch.Tensor | No
     if valid is not None:
         ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
     return torch.topk(ranked, k, dim=-1, sorted=False).indices
+
+
+def reduced_rank(method: str, rank: int | None, head_dim: int) -> int:
+    """Channels a low-rank score reads per key: ``rank``, or ``head_dim // 4`` by default, in 1..head_dim."""
+    chosen = rank or max(1, head_dim // 4)
+    if not 1 <= chosen <= head_dim:
+        raise UserError(f"{method} rank must be between 1 and head_dim={head_dim}, got {chosen}")
+    return chosen
 
 
 VALID_STATE = "valid"
@@ -95,6 +104,9 @@ class SelectionMethod(ABC):
         valid = cache.state.get(VALID_STATE)
         valid = valid if isinstance(valid, torch.Tensor) else None
         return kernels.gather_attention(query, cache.keys, cache.values, indices, scale, valid=valid)
+
+    def check_model(self, n_kv_heads: int, head_dim: int) -> None:  # noqa: B027 - optional hook
+        """Refuse (UserError) a model this instance cannot serve; ``enable`` calls it before any decode."""
 
     @abstractmethod
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmexec.errors import UserError
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum
+from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum, reduced_rank
 
 
 def fit_basis(keys: torch.Tensor) -> torch.Tensor:
@@ -37,10 +36,10 @@ class Loki(SelectionMethod):
     """Calibrated ``{layer: P [H_kv, d, d]}``; layers without one are fitted on their prefill keys."""
 
     def _rank(self, head_dim: int) -> int:
-        rank = self.rank or max(1, head_dim // 4)
-        if not 1 <= rank <= head_dim:
-            raise UserError(f"loki rank must be between 1 and head_dim={head_dim}, got {rank}")
-        return rank
+        return reduced_rank(self.name, self.rank, head_dim)
+
+    def check_model(self, n_kv_heads: int, head_dim: int) -> None:
+        self._rank(head_dim)
 
     def _projection(self, layer: int, head_dim: int) -> torch.Tensor:
         return self.bases[layer][:, :, : self._rank(head_dim)]

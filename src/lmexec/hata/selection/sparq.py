@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmexec.errors import UserError
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum
+from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum, reduced_rank
 
 
 @dataclass
@@ -24,10 +23,10 @@ class SparQ(SelectionMethod):
     """Query channels read per key (default ``head_dim // 4``)."""
 
     def _rank(self, head_dim: int) -> int:
-        rank = self.rank or max(1, head_dim // 4)
-        if not 1 <= rank <= head_dim:
-            raise UserError(f"sparq rank must be between 1 and head_dim={head_dim}, got {rank}")
-        return rank
+        return reduced_rank(self.name, self.rank, head_dim)
+
+    def check_model(self, n_kv_heads: int, head_dim: int) -> None:
+        self._rank(head_dim)
 
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
         keys = cache.keys
