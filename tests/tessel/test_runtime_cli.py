@@ -32,3 +32,61 @@ def test_train_cli_compares_schedules(tmp_path):
     assert "searched: planned" in names and any(n.startswith("searched: measured") for n in names)
     assert png.stat().st_size > 10_000
     assert json.loads(prof.read_text())["name"] == "zerobubble-profiled"
+
+
+TINY = ["--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "-n", "2", "--steps", "1",
+        "--repeats", "1", "--time-limit", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "nan"], "--lr: expected a positive finite number"),
+        (["--lr", "-1"], "--lr: expected a positive finite number"),
+        (["--timeout", "0"], "--timeout: expected a positive finite number"),
+        (["--warmup", "-1"], "--warmup: expected a whole number >= 0"),
+        (
+            ["--layers", "2", "-d", "3", "-p", "vshape", "--split", "1,0,1"],
+            "leaves stage(s) [1] without a layer",
+        ),
+        (
+            ["--layers", "2", "-d", "2", "-p", "vshape", "--split", "1,2"],
+            "must be non-negative and add up to 2",
+        ),
+        (["--layers", "2", "-d", "5", "-p", "vshape"], "5 stages need at least 3 layers"),
+    ],
+)
+def test_train_mistakes_are_refused_before_any_rank_starts(capsys, monkeypatch, flags, message):
+    import lmexec.tessel.runtime.launcher as launcher
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a rank was started"))
+    try:
+        code = main(["tessel", "train", *TINY, *flags])
+    except SystemExit as exit_info:  # flag errors leave through argparse
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_split_must_match_a_json_placement(tmp_path, capsys, monkeypatch):
+    import lmexec.tessel.runtime.launcher as launcher
+    from lmexec.tessel.shapes import build_placement
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a rank was started"))
+    path = tmp_path / "v2.json"
+    build_placement("vshape", 2).to_json(path)
+    assert (
+        main(["tessel", "train", *TINY, "--layers", "3", "-p", str(path), "-s", "gpipe", "--split", "9,9,9"])
+        == 2
+    )
+    assert "layer split lists 3 stages but the placement has 2" in capsys.readouterr().err
+
+
+def test_even_split_gives_every_middle_stage_a_layer():
+    from lmexec.tessel.runtime.model import split_layers
+
+    assert split_layers(2, 4, None) == [0, 1, 1, 0]
+    assert split_layers(3, 4, None) == [0, 1, 1, 1]
+    assert split_layers(8, 2, None) == [4, 4]
+    assert all(c > 0 for c in split_layers(5, 7, None)[1:-1])

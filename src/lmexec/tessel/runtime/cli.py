@@ -8,7 +8,9 @@ schedule on that one placement, spawns one process per device (or runs as one ra
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,26 @@ def _split(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected layer counts per stage like 3,5, got {text!r}") from None
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", "-d", type=positive_int, default=2, help="processes / devices (default 2)")
     p.add_argument(
@@ -54,7 +76,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    p.add_argument("--warmup", type=int, default=2, help="profiling warm-up runs (default 2)")
+    p.add_argument("--warmup", type=_count, default=2, help="profiling warm-up runs (default 2)")
     p.add_argument("--repeats", type=positive_int, default=5, help="profiling runs, median taken (default 5)")
     p.add_argument(
         "--profile-mode", choices=("ranks", "alone"), default="ranks",
@@ -78,14 +100,17 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "--schedule", "-s", default=DEFAULT_SCHEDULES,
         help=f"comma list of searched, 1f1b, gpipe, interleaved, zbh1 (default {DEFAULT_SCHEDULES})",
     )  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--time-limit", type=float, default=20.0, help="search seconds (default 20)")
     p.add_argument(
         "--min-gain", type=float, default=MIN_GAIN,
         help="run the searched order only if predicted this fraction faster than the best baseline, else "
         f"that baseline (default {MIN_GAIN}; 0 = always the searched order)",
     )  # fmt: skip
-    p.add_argument("--timeout", type=float, default=900.0, help="stop every rank after this many seconds")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=900.0,
+        help="stop every rank once profiling and training together took this many seconds (default 900)",
+    )  # fmt: skip
     p.add_argument("--json", type=output_path, help="write config, placement, plans and measurements as JSON")
     p.add_argument(
         "--trace", type=output_path, help="Chrome trace: planned and measured timeline per schedule"
@@ -113,12 +138,14 @@ def _config(args: argparse.Namespace) -> GPTConfig:
 
 
 def _profile_job(args: argparse.Namespace, shape: str) -> ProfileJob:
+    from lmexec.tessel.runtime.model import split_layers
     from lmexec.tessel.runtime.profile import ProfileJob, stage_count
 
+    stages = stage_count(shape, args.devices, args.chunks)
+    split_layers(args.layers, stages, args.split)  # a bad split is refused here, not inside the ranks
     return ProfileJob(
-        _config(args), stage_count(shape, args.devices, args.chunks), args.micro_batch_size, args.split,
-        args.seed, args.warmup, args.repeats,
-    )  # fmt: skip
+        _config(args), stages, args.micro_batch_size, args.split, args.seed, args.warmup, args.repeats
+    )
 
 
 def _profile(
@@ -137,11 +164,10 @@ def _profile(
         with console.status(f"profiling {job.num_stages} stages in {args.devices} processes ..."):
             try:
                 profiles = launch(
-                    profile_in_ranks, args.devices, job, threads=args.threads,
-                    timeout=getattr(args, "timeout", 900.0),
+                    profile_in_ranks, args.devices, job, threads=args.threads, timeout=_time_left(args),
                 )[0]  # fmt: skip
             except RankFailure as error:
-                raise UserError(f"profiling failed: {error}") from None
+                raise RankFailure(f"profiling failed: {error}", error.rank, error.pids) from None
     else:
         stages, inputs, targets = job.build()
         with console.status(f"profiling {job.num_stages} stages ..."):
@@ -149,6 +175,12 @@ def _profile(
                 stages, inputs, targets, lm_loss, warmup=job.warmup, repeats=job.repeats, threads=args.threads
             )
     return profiled_placement(profiles, shape, args.devices, chunks=args.chunks), profiles
+
+
+def _time_left(args: argparse.Namespace) -> float:
+    """Seconds left of ``--timeout`` (one budget for profiling and training; profile has no flag: 900)."""
+    deadline = getattr(args, "deadline", None)
+    return 900.0 if deadline is None else max(1e-3, deadline - time.monotonic())
 
 
 def _print_profiles(profiles: list[StageProfile]) -> None:
@@ -161,9 +193,15 @@ def _print_profiles(profiles: list[StageProfile]) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from lmexec.tessel.runtime.launcher import RankFailure
+
     if args.placement not in SHAPES:
         raise UserError(f"--placement must be one of {', '.join(SHAPES)} to profile")
-    placement, profiles = _profile(args, args.placement)
+    try:
+        placement, profiles = _profile(args, args.placement)
+    except RankFailure as error:  # as in train: a rank failure prints one line and exits 1
+        console.print(f"error: {error}", markup=False)
+        return 1
     _print_profiles(profiles)
     placement.to_json(args.out)
     console.print(f"placement JSON: {args.out} (try: lmexec tessel search -p {args.out})")
@@ -183,6 +221,7 @@ class _Prepared:
 def _prepare(args: argparse.Namespace, measured: list[StageProfile] | None = None) -> _Prepared:
     """Profile (or load, or take ``measured``), plan and export every schedule; everything a run needs,
     checked up front."""
+    from lmexec.tessel.runtime.model import split_layers
     from lmexec.tessel.runtime.pipelining_adapter import require_api, stage_chain
     from lmexec.tessel.runtime.plan import parse_schedules, plan_runs
     from lmexec.tessel.runtime.train import TrainJob
@@ -202,10 +241,7 @@ def _prepare(args: argparse.Namespace, measured: list[StageProfile] | None = Non
                 f"{args.placement} has {placement.num_devices} devices but --devices is {args.devices}"
             )
     num_stages = stage_chain(placement).num_stages
-    if num_stages > cfg.layers + 2:
-        raise UserError(
-            f"{num_stages} stages need at least {num_stages - 2} layers; got --layers {cfg.layers}"
-        )
+    split_layers(cfg.layers, num_stages, args.split)  # every stage needs a layer or the embedding/head
     with console.status("planning schedules ..."):
         plans = plan_runs(placement, names, args.micro_batches, args.time_limit, args.min_gain)
     job = TrainJob(
@@ -223,6 +259,10 @@ def _torchrun_body(ctx: Any, args: argparse.Namespace) -> tuple[_Prepared, list[
     from lmexec.tessel.runtime.profile import profile_in_ranks
     from lmexec.tessel.runtime.train import train_worker
 
+    if args.devices != ctx.world:
+        raise UserError(
+            f"--devices {args.devices} but torchrun started {ctx.world} processes: make them equal"
+        )
     measured = None
     if args.placement in SHAPES and args.profile_mode == "ranks":
         measured = profile_in_ranks(ctx, _profile_job(args, args.placement))  # all ranks at once
@@ -237,6 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmexec.tessel.runtime.launcher import RankFailure, launch, run_in_this_process, torchrun_env
     from lmexec.tessel.runtime.train import train_worker
 
+    args.deadline = time.monotonic() + args.timeout
     try:
         if torchrun_env():
             rank, out = run_in_this_process(_torchrun_body, args, threads=args.threads)
@@ -251,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             load_before = os.getloadavg()[0]
             results = launch(
-                train_worker, args.devices, prepared.job, timeout=args.timeout, threads=args.threads
+                train_worker, args.devices, prepared.job, timeout=_time_left(args), threads=args.threads
             )[0]
             console.print(
                 f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f} on "

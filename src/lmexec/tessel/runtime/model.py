@@ -126,9 +126,17 @@ def split_layers(
             raise UserError(f"layer split lists {len(counts)} stages but the placement has {num_stages}")
         if any(c < 0 for c in counts) or sum(counts) != num_layers:
             raise UserError(f"layer split {counts} must be non-negative and add up to {num_layers} layers")
+        empty = [s for s in range(1, num_stages - 1) if counts[s] == 0]
+        if empty:
+            raise UserError(
+                f"layer split {counts} leaves stage(s) {empty} without a layer, hence without parameters "
+                "(only the first and last stages hold the embedding and the head)"
+            )
         return counts
     if num_stages > num_layers + 2:
-        raise UserError(f"cannot split {num_layers} layers into {num_stages} stages")
+        raise UserError(f"{num_stages} stages need at least {num_stages - 2} layers; got {num_layers}")
+    if num_layers < num_stages:  # one layer per middle stage first: a stage needs parameters
+        return [0] + [1] * (num_stages - 2) + [num_layers - (num_stages - 2)]
     base, extra = divmod(num_layers, num_stages)
     return [base + (1 if s >= num_stages - extra else 0) for s in range(num_stages)]
 

@@ -59,8 +59,7 @@ class TrainJob:
     def stages(self, num_stages: int) -> list[nn.Module]:
         if self.stage_factory is not None:
             return self.stage_factory(num_stages)
-        split = self.split if self.split is not None and len(self.split) == num_stages else None
-        return build_gpt_stages(self.model, num_stages, split, self.seed)
+        return build_gpt_stages(self.model, num_stages, self.split, self.seed)
 
     def data(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return synthetic_batch(self.model, self.batch, step, self.seed)
