@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmexec.errors import UserError
 from lmexec.reporting import console, output_path, picture_path, print_table, write_json
-from lmexec.tessel.cli import micro_batch_count, positive_int
+from lmexec.tessel.cli import micro_batch_count, positive_int, whole_number
 from lmexec.tessel.placement import Placement
 from lmexec.tessel.runtime.settings import MIN_GAIN
 from lmexec.tessel.runtime.settings import PROFILE_SHAPES as SHAPES
@@ -45,16 +45,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", "-d", type=positive_int, default=2, help="processes / devices (default 2)")
     p.add_argument(
@@ -76,7 +66,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    p.add_argument("--warmup", type=_count, default=2, help="profiling warm-up runs (default 2)")
+    p.add_argument("--warmup", type=whole_number(0), default=2, help="profiling warm-up runs (default 2)")
     p.add_argument("--repeats", type=positive_int, default=5, help="profiling runs, median taken (default 5)")
     p.add_argument(
         "--profile-mode", choices=("ranks", "alone"), default="ranks",
