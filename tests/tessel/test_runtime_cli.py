@@ -35,7 +35,7 @@ def test_train_cli_compares_schedules(tmp_path):
 
 
 TINY = ["--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8", "-n", "2", "--steps", "1",
-        "--repeats", "1", "--time-limit", "2"]  # fmt: skip
+        "--time-limit", "2"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -81,6 +81,8 @@ def test_a_split_must_match_a_json_placement(tmp_path, capsys, monkeypatch):
         == 2
     )
     assert "layer split lists 3 stages but the placement has 2" in capsys.readouterr().err
+    assert main(["tessel", "train", *TINY, "--layers", "3", "-p", str(path), "--warmup", "3"]) == 2
+    assert "--warmup apply when a built-in placement is profiled" in capsys.readouterr().err
 
 
 def test_even_split_gives_every_middle_stage_a_layer():

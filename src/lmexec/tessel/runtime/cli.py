@@ -66,8 +66,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    p.add_argument("--warmup", type=whole_number(0), default=2, help="profiling warm-up runs (default 2)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="profiling runs, median taken (default 5)")
+    p.add_argument("--warmup", type=whole_number(0), default=None, help="profiling warm-up runs (default 2)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="profiling runs, median taken (default 5)"
+    )
     p.add_argument(
         "--profile-mode", choices=("ranks", "alone"), default="ranks",
         help="ranks: each of --devices processes profiles its own stages, all at once, so the numbers "
@@ -133,9 +135,11 @@ def _profile_job(args: argparse.Namespace, shape: str) -> ProfileJob:
 
     stages = stage_count(shape, args.devices, args.chunks)
     split_layers(args.layers, stages, args.split)  # a bad split is refused here, not inside the ranks
-    return ProfileJob(
-        _config(args), stages, args.micro_batch_size, args.split, args.seed, args.warmup, args.repeats
+    warmup, repeats = (
+        (2 if args.warmup is None else args.warmup),
+        (5 if args.repeats is None else args.repeats),
     )
+    return ProfileJob(_config(args), stages, args.micro_batch_size, args.split, args.seed, warmup, repeats)
 
 
 def _profile(
@@ -225,6 +229,10 @@ def _prepare(args: argparse.Namespace, measured: list[StageProfile] | None = Non
             placement.to_json(args.profile_out)
             console.print(f"profiled placement: {args.profile_out}")
     else:
+        profiling = [flag for flag in ("warmup", "repeats", "profile_out") if getattr(args, flag) is not None]
+        if profiling:
+            flags = ", ".join("--" + flag.replace("_", "-") for flag in profiling)
+            raise UserError(f"{flags} apply when a built-in placement is profiled, not to {args.placement}")
         placement, profiles = Placement.load(args.placement), []
         if placement.num_devices != args.devices:
             raise UserError(
