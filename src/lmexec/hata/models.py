@@ -108,20 +108,18 @@ def load_model(name_or_path: str, dtype: Any = None, attn_implementation: str = 
 
     The family is checked on the config before any weight is read, and a folder transformers cannot
     load (missing weights or tokenizer, broken JSON) is a one-line error naming the folder."""
-    from types import SimpleNamespace
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from lmexec.hata.hf.enable import model_shape
+    from lmexec.hata.hf.enable import config_shape
 
     _offline()
     hf_logging.disable_progress_bar()  # our own progress display is enough
     path = model_dir(name_or_path)
     with _load_errors(path, "config"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model_shape(SimpleNamespace(config=config))  # a family we do not support: say so before loading
+    config_shape(config)  # a family we do not support: say so before loading
     with _load_errors(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, local_files_only=True

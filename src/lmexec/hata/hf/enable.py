@@ -44,7 +44,11 @@ class ModelShape:
 
 def model_shape(model: Any) -> ModelShape:
     """The attention geometry of ``model``; UserError for a family this integration does not support."""
-    config = getattr(model, "config", None)
+    return config_shape(getattr(model, "config", None))
+
+
+def config_shape(config: Any) -> ModelShape:
+    """:func:`model_shape` from a transformers config alone (checked before any weight is loaded)."""
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise UserError(
@@ -90,7 +94,7 @@ def make_method(
         if weights is not None:
             raise UserError("pass weights inside the method instance, not beside it")
         if isinstance(method, Hata):  # its projections are checked against the model like a file's
-            _check_layers(method, method.weights, shape, dense_layers)
+            _check_layers(method, shape, dense_layers)
         method.check_model(shape.n_kv_heads, shape.head_dim)
         return method
     if method not in METHODS:
@@ -121,12 +125,13 @@ def make_method(
     hata = Hata(
         dict(weights), bits=0 if bits is None else check_bits(bits)
     )  # explicit bits must match the projections' width
-    _check_layers(hata, weights, shape, dense_layers)
+    _check_layers(hata, shape, dense_layers)
     return hata
 
 
-def _check_layers(hata: Hata, weights: Any, shape: ModelShape, dense_layers: int) -> None:
+def _check_layers(hata: Hata, shape: ModelShape, dense_layers: int) -> None:
     """Every sparse layer has a projection of the model's shape (the error names the mismatch)."""
+    weights = hata.weights
     every_layer = isinstance(weights, torch.Tensor)  # one W for every layer
     missing = (
         []

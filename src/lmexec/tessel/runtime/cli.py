@@ -18,7 +18,7 @@ from lmexec.errors import UserError
 from lmexec.reporting import console, output_path, picture_path, print_table, write_json
 from lmexec.tessel.cli import micro_batch_count, positive_int, whole_number
 from lmexec.tessel.placement import Placement
-from lmexec.tessel.runtime.settings import MIN_GAIN
+from lmexec.tessel.runtime.settings import MIN_GAIN, PROFILE_REPEATS, PROFILE_WARMUP, TIMEOUT_S
 from lmexec.tessel.runtime.settings import PROFILE_SHAPES as SHAPES
 
 if TYPE_CHECKING:
@@ -66,9 +66,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", type=_split, help="decoder layers per stage, e.g. 3,5 (default: even)")
     p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    p.add_argument("--warmup", type=whole_number(0), default=None, help="profiling warm-up runs (default 2)")
     p.add_argument(
-        "--repeats", type=positive_int, default=None, help="profiling runs, median taken (default 5)"
+        "--warmup",
+        type=whole_number(0),
+        default=None,
+        help=f"profiling warm-up runs (default {PROFILE_WARMUP})",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"profiling runs, median taken (default {PROFILE_REPEATS})",
     )
     p.add_argument(
         "--profile-mode", choices=("ranks", "alone"), default="ranks",
@@ -100,8 +108,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         f"that baseline (default {MIN_GAIN}; 0 = always the searched order)",
     )  # fmt: skip
     p.add_argument(
-        "--timeout", type=_positive_float, default=900.0,
-        help="stop every rank once profiling and training together took this many seconds (default 900)",
+        "--timeout", type=_positive_float, default=TIMEOUT_S,
+        help=f"stop every rank once profiling and training together took this many seconds (default {TIMEOUT_S:g})",
     )  # fmt: skip
     p.add_argument("--json", type=output_path, help="write config, placement, plans and measurements as JSON")
     p.add_argument(
@@ -135,10 +143,8 @@ def _profile_job(args: argparse.Namespace, shape: str) -> ProfileJob:
 
     stages = stage_count(shape, args.devices, args.chunks)
     split_layers(args.layers, stages, args.split)  # a bad split is refused here, not inside the ranks
-    warmup, repeats = (
-        (2 if args.warmup is None else args.warmup),
-        (5 if args.repeats is None else args.repeats),
-    )
+    warmup = PROFILE_WARMUP if args.warmup is None else args.warmup
+    repeats = PROFILE_REPEATS if args.repeats is None else args.repeats
     return ProfileJob(_config(args), stages, args.micro_batch_size, args.split, args.seed, warmup, repeats)
 
 
@@ -172,9 +178,9 @@ def _profile(
 
 
 def _time_left(args: argparse.Namespace) -> float:
-    """Seconds left of ``--timeout`` (one budget for profiling and training; profile has no flag: 900)."""
+    """Seconds left of ``--timeout`` (one budget for profiling and training; ``profile`` has no flag)."""
     deadline = getattr(args, "deadline", None)
-    return 900.0 if deadline is None else max(1e-3, deadline - time.monotonic())
+    return TIMEOUT_S if deadline is None else max(1e-3, deadline - time.monotonic())
 
 
 def _print_profiles(profiles: list[StageProfile]) -> None:
