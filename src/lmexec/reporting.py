@@ -85,13 +85,18 @@ def write_json(path: str | Path, payload: Any) -> Path:
 
 
 def fmt(value: Any, digits: int = 3) -> str:
-    """Format a table cell: floats with ``digits`` significant decimals, None as '-'."""
+    """Format a table cell: whole floats as integers, others with ``digits`` decimals, or below 1 with
+    ``digits + 1`` significant digits (a 0.0004 ms bound must not print as 0); None as '-'."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if value != int(value) else f"{int(value)}"
+        if not math.isfinite(value):
+            return str(value)
+        if value == int(value):
+            return f"{int(value)}"
+        if abs(value) < 1:
+            return f"{value:.{digits + 1}g}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")
     return str(value)
 
 

@@ -600,3 +600,28 @@ def test_the_fused_step_checks_w():
     for bad in (torch.randn(1, 8, 64), torch.randn(2, 16, 128)):
         with pytest.raises(ValueError, match="W .* must be"):
             kernels.hamming_topk_attention(q, bad, codes, keys, keys, 4)
+
+
+def test_fused_attention_over_no_keys_is_zero_as_the_composition_gives():
+    """An empty cache (no codes) selects nothing: the CPU fused kernel divided by a zero total (NaN)."""
+    query, _, _, w = _data(1, 2, 2, 1, 16, 64)
+    codes = torch.zeros(1, 2, 0, 1, dtype=torch.int64)
+    for n_rows in (0, 10):
+        keys = values = torch.randn(1, 2, n_rows, 16)
+        with kernels.use_backend("torch"):
+            composed = kernels.hamming_topk_attention(query, w, codes, keys, values, 5)
+        fused = kernels.hamming_topk_attention(query, w, codes, keys, values, 5)
+        assert torch.equal(composed, torch.zeros_like(composed)) and torch.equal(fused, composed)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_codes_that_are_not_int64_words_are_refused(dtype):
+    """int32 words were sign-extended into the popcount (scores above 64 for 32 bits) on one backend and
+    read as zeros on the other."""
+    query_codes = torch.zeros(1, 1, 2, 1, dtype=dtype)
+    key_codes = torch.zeros(1, 1, 6, 1, dtype=dtype)
+    for backend in ("torch", "numba"):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="int64 words"):
+            kernels.hamming_scores(query_codes, key_codes)
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="int64 words"):
+            kernels.hamming_topk(query_codes, key_codes, 3)

@@ -35,6 +35,8 @@ def test_bench_cli_small(tmp_path, capsys):
         assert r["budget_tokens"] == (r["context"] + 1 if r["method"] == "dense" else 64)
         # the access bound reads the selected rows of hata/loki at the random-row rate, the rest streams
         element = 4 if r["dtype"] == "float32" else 2
+        if r["method"] == "dense":  # every K and V row the step reads: the N cached and the appended one
+            assert r["bytes"] == r["batch"] * 2 * (r["context"] + 1) * 2 * 16 * element
         gathered = r["batch"] * 2 * 64 * 2 * 16 * element if r["method"] in ("hata", "loki") else 0
         assert r["gathered_bytes"] == gathered
         stream, rate = result["bandwidth_used_gbs"] * 1e9, result["row_bandwidth_used_gbs"][r["dtype"]] * 1e9
@@ -87,6 +89,8 @@ def test_bytes_per_method():
     assert method_bytes("hata", cfg, 1, n, k, 4) == 8 * n * 16 + rows + 8 * 128 * 128 * 4
     assert method_bytes("quest", cfg, 1, n, k, 4) == 8 * (n // 16) * 2 * 128 * 4 + rows
     assert method_bytes("loki", cfg, 1, n, k, 4) == 8 * n * 32 * 4 + rows + 8 * 128 * 32 * 4
+    short = BenchConfig(heads=32, kv_heads=8, head_dim=128, bits=32)  # one whole int64 word per key
+    assert method_bytes("hata", short, 1, n, k, 4) == 8 * n * 8 + rows + 8 * 128 * 32 * 4
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,13 @@ def test_bytes_per_method():
         (["--max-cache-gib", "-1"], "--max-cache-gib must be > 0"),
         (["--device", "tpu"], "--device must be one of cpu, cuda"),
         (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+        (["--heads", "0", "--kv-heads", "2"], "positive multiple of --kv-heads"),
+        (["--heads", "-4", "--kv-heads", "2"], "positive multiple of --kv-heads"),  # was a traceback
+        (["--row-probe-gib", "inf"], "--row-probe-gib must be at most 16"),
+        (["--row-probe-gib", "nan"], "--row-probe-gib must be >= 0.001"),
+        (["--evict-mb", "100000000"], "--evict-mb must be at most 16384"),
+        (["--methods", "hata,hata,dense"], "--methods lists hata more than once"),
+        (["--contexts", "40,40"], "--contexts lists 40 more than once"),
     ],
 )
 def test_bench_bad_flags(capsys, flags, message):

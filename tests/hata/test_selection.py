@@ -225,3 +225,27 @@ def test_projection_on_another_device_is_copied_once_and_again_after_an_in_place
     assert method.projection_on(0, 2, 16, torch.device("cpu")) is method.projection(0, 2, 16)
     w.mul_(-1)  # e.g. a training update in place
     assert method.projection_on(0, 2, 16, torch.device("meta")) is not first
+
+
+@pytest.mark.parametrize("name", ["oracle", "loki", "quest", "sparq", "simhash"])
+def test_select_skips_padding_while_real_keys_remain(name):
+    """Padding keys that would score best (copies of the query) must not take the budget from real
+    keys: Quest ignored the mask and attended only padding (NaN) or the one forced key."""
+    from lmexec.hata.selection.base import VALID_STATE
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 16, generator=gen)
+    k = torch.randn(1, 1, 64, 16, generator=gen)
+    v = torch.randn(1, 1, 64, 16, generator=gen)
+    k[:, :, :32] = q[:, :1].unsqueeze(2) * 50
+    valid = torch.ones(1, 64, dtype=torch.bool)
+    valid[:, :32] = False
+    method = METHODS[name]()
+    cache = LayerCache.from_prefill(k, v)
+    cache.state[VALID_STATE] = valid
+    method.prepare(cache, 0)
+    for budget in (Budget(16, 0, 0), Budget(16)):
+        chosen = method.select(q, cache, 0, budget)
+        assert bool(valid[0, chosen.flatten()].all()), chosen
+        out = method.attend(q, cache, 0, budget)
+        assert torch.isfinite(out).all()

@@ -202,3 +202,68 @@ def test_min_peak_memory_counts_memory_never_released():
         {"name": "c", "memory": 1, "duration": 1, "devices": [0]},
     ]}  # fmt: skip
     assert Placement.from_dict(doc).min_peak_memory == (2.0,)
+
+
+def test_inference_keeps_an_order_that_ran_through_a_backward_block():
+    doc = {"devices": 2, "blocks": [
+        {"name": "f0", "duration": 1, "memory": 1, "devices": [0]},
+        {"name": "b0", "kind": "backward", "duration": 1, "memory": -1, "devices": [0], "after": ["f0"]},
+        {"name": "f1", "duration": 1, "memory": 1, "devices": [1], "after": ["b0"]},
+        {"name": "b1", "kind": "backward", "duration": 1, "memory": -1, "devices": [1], "after": ["f1"]},
+    ]}  # fmt: skip
+    inference = Placement.from_dict(doc).forward_only()
+    assert [b.name for b in inference.blocks] == ["f0", "f1"]
+    assert inference.block("f1").after == ("f0",)
+
+
+def test_block_count_is_bounded_before_the_blocks_are_built():
+    with pytest.raises(UserError, match="400000 blocks; at most 4096"):
+        build_placement("interleaved", 2, chunks=100000)
+    with pytest.raises(UserError, match="8192 blocks per micro-batch; at most 4096"):
+        build_placement("vshape", 4096)
+
+
+def _closed_sets(placement):
+    """Every dependency-closed set of block names (brute force, small placements only)."""
+    names = [b.name for b in placement.blocks]
+    for mask in range(1 << len(names)):
+        chosen = {n for i, n in enumerate(names) if mask >> i & 1}
+        if all(placement.ancestors[n] <= chosen for n in chosen):
+            yield chosen
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_min_peak_memory_equals_brute_force_over_closed_sets(seed):
+    """On random small DAGs (weightless blocks, multi-device blocks, several frees per device), the
+    closure bound computed on each device's blocks alone equals the enumeration over every closed set."""
+    import random
+
+    rng = random.Random(seed)
+    while True:  # draw until the placement is valid (frees no more than its ancestors took)
+        blocks = []
+        for i in range(rng.randint(2, 8)):
+            after = [f"b{j}" for j in range(i) if rng.random() < 0.35]
+            devices = rng.sample(range(2), rng.choice((1, 1, 2)))
+            memory = rng.choice((-2, -1, 0, 0, 1, 2, 3))
+            blocks.append(
+                {"name": f"b{i}", "duration": 1, "memory": memory, "devices": devices, "after": after}
+            )
+        try:
+            placement = Placement.from_dict({"devices": 2, "blocks": blocks})
+        except UserError:
+            continue
+        if any(b.memory < 0 for b in placement.blocks):
+            break
+    for device in range(2):
+        weight = {b.name: b.memory for b in placement.blocks_on(device)}
+        levels = []
+        for block in placement.blocks_on(device):
+            before = [
+                sum(weight.get(n, 0) for n in s)
+                for s in _closed_sets(placement)
+                if placement.ancestors[block.name] <= s and block.name not in s
+                and not s & {n for n, anc in placement.ancestors.items() if block.name in anc}
+            ]  # fmt: skip
+            levels.append(min(before) + block.memory)
+        expected = max([0.0, sum(weight.values()), *levels])
+        assert placement.min_peak_memory[device] == pytest.approx(expected)

@@ -152,3 +152,27 @@ def test_ascii_gantt_draws_a_block_far_shorter_than_a_cell_at_the_very_end(sched
     header, *rows = ascii_gantt(baseline_schedule(placement, schedule, 3)).splitlines()
     assert header.startswith("time unit per cell") and len(rows) == 2
     assert all("F0" in row and "B" in row for row in rows)  # the last backward shows, in the last cell
+
+
+def test_overlaps_of_tiny_blocks_are_caught():
+    """Blocks of 1e-10: a fixed 1e-9 tolerance let all four run at once and called it valid."""
+    placement = Placement.from_dict({"devices": 1, "capacity": 1, "blocks": [
+        {"name": "f", "duration": 1e-10, "memory": 1, "devices": [0]},
+        {"name": "b", "kind": "backward", "duration": 1e-10, "memory": -1, "devices": [0], "after": ["f"]},
+    ]})  # fmt: skip
+    together = Schedule(placement, 2, [Task(0, "f", 0), Task(0, "b", 0), Task(0, "f", 1), Task(0, "b", 1)])
+    kinds = {v.kind for v in together.validate()}
+    assert {"overlap", "dependency"} <= kinds
+    apart = Schedule(placement, 2, [Task(i * 1e-10, name, i // 2) for i, name in enumerate("fbfb")])
+    assert apart.validate() == [] and apart.metrics().peak_memory == (1,)
+
+
+def test_memory_in_bytes_tolerates_float_noise():
+    """Three activations of 333333333.3 bytes fill a 999999999.9 limit; their float sum is 1.2e-7 above
+    it, noise far above an absolute 1e-9 but far below the bytes' own precision."""
+    placement = Placement.from_dict({"devices": 1, "capacity": 999999999.9, "blocks": [
+        {"name": "f", "duration": 1, "memory": 333333333.3, "devices": [0]},
+        {"name": "b", "kind": "backward", "duration": 1, "memory": -333333333.3, "devices": [0], "after": ["f"]},
+    ]})  # fmt: skip
+    tasks = [Task(m, "f", m) for m in range(3)] + [Task(3 + m, "b", m) for m in range(3)]
+    assert Schedule(placement, 3, tasks).validate() == []

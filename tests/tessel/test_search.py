@@ -8,6 +8,7 @@ import pytest
 
 from lmexec.errors import UserError
 from lmexec.tessel.baselines import applicable_baselines
+from lmexec.tessel.placement import Placement
 from lmexec.tessel.search import search
 from lmexec.tessel.search.exact import solve_exact
 from lmexec.tessel.search.problem import IntProblem
@@ -193,7 +194,7 @@ def test_greedy_repetend_is_valid_and_near_the_bound(shape: str, devices: int, m
     ("shape", "unit_memory", "byte_memory", "unit_capacity", "byte_capacity"),
     [
         ("vshape", {"F": {"memory": 1}, "B": {"memory": -1}},
-         {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 2, 300000000),
+         {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 2, 300000001),
         ("xshape", {"F": {"memory": 1}, "B": {"memory": -1}},
          {"F": {"memory": 123456789}, "B": {"memory": -123456789}}, 3, 370372367),  # 3 F + a few units of rounding
         ("zerobubble", {"F": {"memory": 1}, "I": {"memory": -0.5}, "W": {"memory": -0.5}},
@@ -212,3 +213,51 @@ def test_memory_in_bytes_is_bound_like_memory_in_units(
     found = search(placement, 8, time_limit=5)
     assert found.schedule.validate() == []
     assert found.period == units.period and found.in_flight == units.in_flight
+
+
+def test_memory_in_whole_large_units_is_scaled_exactly() -> None:
+    """1e9-byte activations under a 3e9 capacity are 1 and 3 units: the search must find and prove what
+    it does in plain units (it rounded each delta up, fit 2 of the 3 activations and 'proved' period 10)."""
+    units = search(build_placement("mshape", 3, capacity=3), 12, **FAST)
+    overrides = {"F": {"memory": 1e9}, "B": {"memory": -1e9}}
+    placement = build_placement("mshape", 3, capacity=3e9, overrides=overrides)
+    assert IntProblem.build(placement).exact
+    found = search(placement, 12, **FAST)
+    assert found.period == units.period and found.period_optimal and units.period_optimal
+    assert found.schedule.validate() == [] and found.in_flight == units.in_flight
+
+
+def test_rounded_memory_proves_no_period() -> None:
+    """Memory that cannot be scaled exactly is rounded conservatively (tighter than the real limit), so
+    a period proven infeasible on the integers may be feasible for real: no optimality claim then."""
+    overrides = {"F": {"memory": 1000000007}, "B": {"memory": -1000000007}}
+    placement = build_placement("mshape", 3, capacity=3000000022, overrides=overrides)
+    assert not IntProblem.build(placement).memory.exact
+    found = search(placement, 12, **FAST)
+    assert found.schedule.validate() == []
+    assert found.period_bound == placement.max_work < found.period and not found.period_optimal
+
+
+def test_rounding_up_never_rounds_a_duration_down() -> None:
+    """500000.0000005 lies a hair above a whole unit of the rounded scale; rounding it down made the
+    search return a schedule that broke a dependency (an internal error)."""
+    placement = Placement.from_dict({"devices": 2, "blocks": [
+        {"name": "a", "duration": 1000000, "devices": [0]},
+        {"name": "b", "duration": 500000.0000005, "devices": [1], "after": ["a"]},
+        {"name": "c", "duration": 1, "devices": [0], "after": ["b"]},
+    ]})  # fmt: skip
+    assert not IntProblem.build(placement).time.exact
+    assert search(placement, 1, **FAST).schedule.validate() == []
+
+
+def test_a_schedule_from_the_direct_solver_claims_no_period() -> None:
+    """Each micro-batch keeps half a unit: no repetend fits 6 of them, the direct solver's schedule is
+    returned, and the period figures (of a repetend that was thrown away) must not describe it."""
+    placement = build_placement("vshape", 4, capacity=4, overrides={"B": {"memory": -0.5}})
+    result = search(placement, 6, **FAST)
+    assert result.schedule.validate() == []
+    assert not result.periodic and not result.period_optimal
+    data = result.to_dict()
+    assert data["periodic"] is False
+    assert data["period"] is None and data["steady_bubble_rate"] is None and data["in_flight"] is None
+    assert result.makespan > 4 * (6 + 3)  # slower than any period-4 schedule would be

@@ -19,8 +19,9 @@ interleaved (one step of each per round), so a drift of the machine's speed move
 streaming ``torch.sum`` over a 1 GiB tensor with all threads, measured before and after the rows; the
 larger value bounds every method: ``bound = bytes / bandwidth``, with bytes = what a step must read:
 
-* dense: all K and V rows;
-* hata: key codes (``bits/8`` B per token and KV head) + the ``k`` selected K/V rows + ``W``;
+* dense: all K and V rows (the ``N`` cached and the one appended by the step: ``N + 1``, as every
+  method's per-token bytes);
+* hata: key codes (``bits/8`` B per token and KV head, in whole 8-byte words) + the ``k`` selected K/V rows + ``W``;
 * quest: page min/max (``2 d`` elements per page) + the selected rows;
 * loki: the rank-``r`` projected keys (``r`` elements per token) + the selected rows + the basis.
 
@@ -48,7 +49,7 @@ from lmexec.errors import UserError
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import GrowableBuffer, LayerCache
-from lmexec.hata.codes import check_bits
+from lmexec.hata.codes import check_bits, code_bytes
 from lmexec.hata.selection import Hata, Loki, Quest, fit_basis
 from lmexec.hata.selection.base import SelectionMethod
 from lmexec.reporting import save_figure
@@ -59,6 +60,10 @@ LAYER = 5  # any sparse layer index; the methods keep per-layer state under it
 EVICT_MB = {"cpu": 64, "cuda": 512}
 """Default MiB read between steps: several times the last-level cache (this machine's L3; 50-60 MB of L2
 on an H100/H200)."""
+
+
+MAX_PROBE_GIB = 16
+"""Most memory a probe (the random-row buffer, the eviction read) may take: many times any last-level cache."""
 
 
 @dataclass
@@ -107,8 +112,15 @@ class BenchConfig:
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
             raise UserError(f"unknown dtypes {bad}: use some of {', '.join(DTYPES)}")
-        if self.kv_heads < 1 or self.heads % self.kv_heads:
-            raise UserError(f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}")
+        if self.kv_heads < 1 or self.heads < 1 or self.heads % self.kv_heads:
+            raise UserError(
+                f"--heads {self.heads} must be a positive multiple of --kv-heads {self.kv_heads} (>= 1)"
+            )
+        for flag, values in (("methods", self.methods), ("dtype", self.dtypes), ("contexts", self.contexts),
+                             ("batch", self.batches)):  # fmt: skip
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # the rows would repeat and one row would pool two runs' samples
+                raise UserError(f"--{flag} lists {', '.join(twice)} more than once")
         for name, flag in (("contexts", "contexts"), ("batches", "batch")):
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
@@ -118,8 +130,12 @@ class BenchConfig:
         for flag, value, least in (("head-dim", self.head_dim, 1), ("repeats", self.repeats, 1),
                                    ("warmup", self.warmup, 0), ("evict-mb", self.evict_mb or 0, 0),
                                    ("threads", self.threads, 0), ("row-probe-gib", self.row_probe_gib, 1e-3)):  # fmt: skip
-            if value < least:
+            if not value >= least:
                 raise UserError(f"--{flag} must be >= {least}, got {value}")
+        for flag, value, most in (("row-probe-gib", self.row_probe_gib, MAX_PROBE_GIB),
+                                  ("evict-mb", self.evict_mb or 0, MAX_PROBE_GIB * 1024)):  # fmt: skip
+            if not value <= most:  # inf, nan, or more than the probe needs: would fail after minutes
+                raise UserError(f"--{flag} must be at most {most:g}, got {value}")
         if self.kernels not in kernels.BACKENDS:
             raise UserError(f"--kernels must be one of {', '.join(kernels.BACKENDS)}")
         if self.device not in EVICT_MB:
@@ -199,7 +215,7 @@ def method_bytes(method: str, cfg: BenchConfig, batch: int, n: int, k: int, elem
     if method == "dense":
         return rows * n * 2 * d * element
     if method == "hata":
-        return rows * n * cfg.bits // 8 + selected + cfg.kv_heads * d * cfg.bits * 4
+        return rows * n * code_bytes(cfg.bits) + selected + cfg.kv_heads * d * cfg.bits * 4
     if method == "quest":
         return rows * math.ceil(n / 16) * 2 * d * element + selected
     if method == "loki":
@@ -455,7 +471,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     times = run_methods(cfg, case, cfg.methods, budget)
                     for name in cfg.methods:
                         samples, cpu, timing = times[name]
-                        nbytes = method_bytes(name, cfg, batch, n, n + 1 if name == "dense" else k, element)
+                        # the step attends over the N cached keys and the one it appends
+                        nbytes = method_bytes(
+                            name, cfg, batch, n + 1, n + 1 if name == "dense" else k, element
+                        )
                         qs = (
                             statistics.quantiles(samples, n=10, method="inclusive")
                             if len(samples) > 1

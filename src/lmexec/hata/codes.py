@@ -22,6 +22,11 @@ def n_words(bits: int) -> int:
     return (bits + WORD_BITS - 1) // WORD_BITS
 
 
+def code_bytes(bits: int) -> int:
+    """Bytes one key's code takes in the cache (whole int64 words: 8 at 32 bits)."""
+    return n_words(bits) * WORD_BITS // 8
+
+
 def check_bits(bits: int) -> int:
     """Return ``bits`` if supported, else raise a UserError naming the allowed values."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:

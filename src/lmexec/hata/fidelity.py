@@ -22,7 +22,7 @@ from lmexec.errors import UserError, check_seed
 from lmexec.hata.attention import attention_logits, attention_probs, dense_attention, sparse_attention
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.codes import check_bits
+from lmexec.hata.codes import check_bits, code_bytes
 from lmexec.hata.metrics import mass_recall, output_error, topk_recall
 from lmexec.hata.selection import (
     METHODS,
@@ -62,7 +62,7 @@ class FidelityConfig:
     """Tokens per text kind of calibration text (Loki's PCA); disjoint from the evaluation text."""
     hata_weights: str | None = None
     equal_bytes: bool = True
-    """Also run Loki/SparQ/Quest at the hash methods' selection bytes (``bits / 8``)."""
+    """Also run Loki/SparQ/Quest at the hash methods' selection bytes (:func:`code_bytes`)."""
     element_bytes: int = 2
     """Bytes per stored K element used to count selection bytes (2: fp16/bf16 cache as deployed)."""
     seed: int = 0
@@ -141,7 +141,7 @@ def build_variants(
     model_config: Any = None,
 ) -> list[Variant]:
     """The methods to compare, with the extra equal-selection-bytes rows for Loki, SparQ and Quest."""
-    target = config.bits / 8  # bytes per token of a hash code
+    target = code_bytes(config.bits)  # bytes per token of a hash code
     elem = config.element_bytes
     variants: list[Variant] = []
     for name in config.methods:

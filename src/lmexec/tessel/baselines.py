@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lmexec.errors import UserError
 from lmexec.tessel.block import BlockKind
-from lmexec.tessel.placement import Placement
+from lmexec.tessel.placement import Placement, exceeds
 from lmexec.tessel.schedule import DeviceOrders, Schedule, orders_from_sequence, retime
 
 BACKWARD_KINDS = (BlockKind.BACKWARD, BlockKind.BACKWARD_INPUT, BlockKind.BACKWARD_WEIGHT)
@@ -163,7 +163,7 @@ def zbh1(placement: Placement, n: int) -> DeviceOrders:
                 m = next_mb[name]
                 if m >= n or any(ends.get((dep, m), float("inf")) > now for dep in block.after):
                     continue
-                if name == pipe.forwards[s] and memory[s] + block.memory > budget[s] + 1e-9:
+                if name == pipe.forwards[s] and exceeds(memory[s] + block.memory, budget[s]):
                     continue
                 memory[s] += block.memory
                 next_mb[name] += 1

@@ -26,6 +26,9 @@ from lmexec.tessel.block import Block, BlockKind
 
 MAX_DURATION = 1e15  # beyond this, sums of durations lose all precision (and the solvers' integers overflow)
 MAX_DEVICES = 4096  # far past any pipeline; a typo like 10**12 devices would exhaust memory, not fail
+MAX_BLOCKS = 4096
+"""Blocks per micro-batch: far past any pipeline (2048 stages of forward + backward); the dependency
+closures grow with its square, so a typo like ``--chunks 100000`` must fail at once."""
 SCHEMA_KEYS = {"name", "devices", "capacity", "static_memory", "blocks"}
 BLOCK_KEYS = {"name", "kind", "duration", "memory", "devices", "after"}
 
@@ -71,6 +74,12 @@ def _amount(value: float, what: str) -> float:
     return value
 
 
+def exceeds(level: float, limit: float) -> bool:
+    """``level > limit`` by more than float noise, relative to their size: memory may be in bytes or
+    in fractions of a unit, and an absolute epsilon is wrong for one of the two."""
+    return level > limit + 1e-9 * max(abs(level), abs(limit))
+
+
 @dataclass(frozen=True)
 class Placement:
     """Blocks of one micro-batch with dependencies, on ``num_devices`` devices with memory limits."""
@@ -84,6 +93,10 @@ class Placement:
     def __post_init__(self) -> None:
         if not isinstance(self.num_devices, int) or not 1 <= self.num_devices <= MAX_DEVICES:
             raise UserError(f"placement {self.name!r}: device count must be an integer in 1..{MAX_DEVICES}")
+        if len(self.blocks) > MAX_BLOCKS:
+            raise UserError(
+                f"placement {self.name!r}: {len(self.blocks)} blocks per micro-batch; at most {MAX_BLOCKS}"
+            )
         object.__setattr__(
             self,
             "capacity",
@@ -145,7 +158,7 @@ class Placement:
         self._check_frees(where)
         for device, (cap, static) in enumerate(zip(self.capacity, self.static_memory, strict=True)):
             need = self.min_peak_memory[device]
-            if need > cap + 1e-9:
+            if exceeds(need, cap):
                 raise UserError(
                     f"{where}: one micro-batch alone needs memory {need:g} on device {device} "
                     f"(static {static:g}) but its capacity is {cap:g}"
@@ -174,8 +187,8 @@ class Placement:
                         f"it depends on took only {before:g} there"
                     )
         for device in range(self.num_devices):
-            if not any(b.memory < 0 and device in b.devices for b in self.blocks):
-                continue
+            if sum(b.memory < 0 for b in self.blocks_on(device)) < 2:
+                continue  # one free alone: the check above is exact (its closure holds its ancestors)
             least, chosen = _least_closure_memory(self, device)
             if least < -1e-9 * scale[device]:
                 frees = sorted(
@@ -234,7 +247,15 @@ class Placement:
         return out
 
     def blocks_on(self, device: int) -> tuple[Block, ...]:
-        return tuple(b for b in self.blocks if device in b.devices)
+        return self._by_device[device]
+
+    @cached_property
+    def _by_device(self) -> tuple[tuple[Block, ...], ...]:
+        on: list[list[Block]] = [[] for _ in range(self.num_devices)]
+        for block in self.blocks:
+            for device in dict.fromkeys(block.devices):
+                on[device].append(block)
+        return tuple(map(tuple, on))
 
     # ---- bounds ----------------------------------------------------------------------------
     @cached_property
@@ -309,10 +330,21 @@ class Placement:
         )
 
     def forward_only(self) -> Placement:
-        """Inference variant: forward blocks only, no activation memory kept."""
+        """Inference variant: forward blocks only, no activation memory kept. A forward that depended
+        on a dropped block now depends on the forwards that block depended on (transitively), so an
+        order through a backward block is kept."""
         forwards = [b for b in self.blocks if b.kind is BlockKind.FORWARD]
         kept = {b.name for b in forwards}
-        blocks = tuple(replace(b, memory=0.0, after=tuple(d for d in b.after if d in kept)) for b in forwards)
+        nearest: dict[str, tuple[str, ...]] = {}  # the kept blocks a block stands for as a dependency
+        for name in self.topological_order:
+            deps = self.block(name).after
+            nearest[name] = (
+                (name,) if name in kept else tuple(dict.fromkeys(x for d in deps for x in nearest[d]))
+            )
+        blocks = tuple(
+            replace(b, memory=0.0, after=tuple(dict.fromkeys(x for d in b.after for x in nearest[d])))
+            for b in forwards
+        )
         return Placement(self.name, self.num_devices, blocks, self.capacity, self.static_memory)
 
     @property
@@ -438,8 +470,11 @@ def chain(blocks: Iterable[Block]) -> list[Block]:
 def _least_memory_before(placement: Placement, block: Block, device: int) -> float:
     """min over dependency-closed sets S (ancestors of ``block`` in, it and its descendants out) of the
     memory S leaves on ``device``."""
-    forced_out = {block.name} | {n for n, anc in placement.ancestors.items() if block.name in anc}
-    return _least_closure_memory(placement, device, placement.ancestors[block.name], forced_out)[0]
+    ancestors = placement.ancestors[block.name]
+    forced_out = {block.name} | {
+        b.name for b in placement.blocks_on(device) if block.name in placement.ancestors[b.name]
+    }  # only the device's blocks carry weight here (see _least_closure_memory)
+    return _least_closure_memory(placement, device, ancestors, forced_out)[0]
 
 
 def _least_closure_memory(
@@ -449,30 +484,30 @@ def _least_closure_memory(
     forced_out: set[str] | None = None,
 ) -> tuple[float, set[str]]:
     """The least memory a dependency-closed set S of blocks (``forced_in`` in, ``forced_out`` out) leaves
-    on ``device``, and such an S: a maximum-profit closure with profit = -memory, via networkx min cut."""
+    on ``device``, and the device's blocks of such an S: a maximum-profit closure with profit = -memory,
+    via networkx min cut. Blocks that take no memory on the device weigh nothing, so the graph holds the
+    device's blocks alone, each linked to its ancestors there (transitively): a set of them closed under
+    that relation extends to a closed S of the same weight by adding the weightless ancestors. ``forced_in``
+    must be closed and ``forced_out`` closed under descendants."""
     import networkx as nx
 
     forced_out = forced_out or set()
-    weight = {b.name: (b.memory if device in b.devices else 0.0) for b in placement.blocks}
-    base = sum(weight[n] for n in forced_in)
+    on_device = [b for b in placement.blocks_on(device) if b.memory != 0]
+    base = sum(b.memory for b in on_device if b.name in forced_in)
+    free = [b for b in on_device if b.name not in forced_in and b.name not in forced_out]
+    gain = sum(-b.memory for b in free if b.memory < 0)  # choosing a block that frees memory is a gain
+    chosen_in = {b.name for b in on_device if b.name in forced_in}
+    if gain == 0.0:
+        return base, chosen_in
     graph = nx.DiGraph()
     graph.add_nodes_from(["source", "sink"])
-    gain = 0.0
-    for b in placement.blocks:
-        if b.name in forced_in or b.name in forced_out:
-            continue
-        profit = -weight[b.name]  # choosing a block that frees memory is a gain
-        if profit > 0:
-            graph.add_edge("source", b.name, capacity=profit)
-            gain += profit
-        elif profit < 0:
-            graph.add_edge(b.name, "sink", capacity=-profit)
-        for dep in b.after:
-            if dep in forced_out:  # cannot run before the excluded blocks: neither can b
-                graph.add_edge(b.name, "sink")
-            elif dep not in forced_in:
-                graph.add_edge(b.name, dep)  # infinite: b in S needs dep in S
-    if gain == 0.0:
-        return base, set(forced_in)
+    for b in free:
+        if b.memory < 0:
+            graph.add_edge("source", b.name, capacity=-b.memory)
+        else:
+            graph.add_edge(b.name, "sink", capacity=b.memory)
+        for a in free:
+            if a.name in placement.ancestors[b.name]:
+                graph.add_edge(b.name, a.name)  # infinite: b in S needs a in S
     cut, (chosen, _) = nx.minimum_cut(graph, "source", "sink")
-    return base - (gain - cut), set(forced_in) | (set(chosen) - {"source"})
+    return base - (gain - cut), chosen_in | (set(chosen) - {"source"})

@@ -25,6 +25,7 @@ MAX_MICRO_BATCHES = 100_000
 """Far past any training step; bounds the work a typo (``1e300``) would ask for."""
 
 EPS = 1e-9
+"""Relative float noise tolerated when times or memory levels are compared (see the tolerances below)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -101,6 +102,22 @@ class Schedule:
             return 0.0
         return max(self.end(t) for t in self.tasks) - min(t.start for t in self.tasks)
 
+    def time_tolerance(self) -> float:
+        """How far apart two times may be and still count as equal: float noise relative to the
+        schedule's times, and far below its shortest block (an absolute 1e-9 let blocks of 1e-10
+        overlap unseen)."""
+        durations = [b.duration for b in self.placement.blocks]
+        starts = [abs(t.start) for t in self.tasks if math.isfinite(t.start)]
+        scale = max(durations + starts, default=1.0)
+        return min(EPS * scale, 1e-6 * min(durations, default=scale))
+
+    def memory_tolerance(self) -> float:
+        """Float noise tolerated on a memory level, relative to the placement's memory figures."""
+        p = self.placement
+        figures = [abs(b.memory) for b in p.blocks] + [abs(s) for s in p.static_memory]
+        figures += [c for c in p.capacity if math.isfinite(c)]
+        return EPS * max(figures + [1e-300])
+
     def tasks_on(self, device: int) -> list[Task]:
         index = self.placement.index  # unknown block names are reported by validate(), not here
         return [t for t in self.tasks if t.block in index and device in self.placement.block(t.block).devices]
@@ -111,11 +128,13 @@ class Schedule:
             [(t.block, t.micro_batch) for t in self.tasks_on(d)] for d in range(self.placement.num_devices)
         ]
 
-    def memory_profile(self, device: int) -> list[tuple[float, float]]:
-        """Step function (time, memory after all deltas at that time) for one device."""
+    def memory_profile(self, device: int, tolerance: float | None = None) -> list[tuple[float, float]]:
+        """Step function (time, memory after all deltas at that time) for one device; starts closer
+        than ``tolerance`` (default :meth:`time_tolerance`) count as one time."""
         deltas: dict[float, float] = defaultdict(float)
+        tolerance = self.time_tolerance() if tolerance is None else tolerance
         for task in self.tasks_on(device):
-            deltas[_quantize(task.start)] += self.placement.block(task.block).memory
+            deltas[_quantize(task.start, tolerance)] += self.placement.block(task.block).memory
         level = self.placement.static_memory[device]
         profile = [(-math.inf, level)]
         for time in sorted(deltas):
@@ -138,6 +157,7 @@ class Schedule:
         """All violations (empty when the schedule is valid)."""
         p = self.placement
         out: list[Violation] = []
+        eps, memory_eps = self.time_tolerance(), self.memory_tolerance()
         seen: dict[tuple[str, int], Task] = {}
         bad_start: set[tuple[str, int]] = set()
         for task in self.tasks:
@@ -158,7 +178,7 @@ class Schedule:
                 out.append(Violation("duplicate", f"{task.label()} runs twice (at {seen[key].start:g} and {task.start:g})",
                                      (task.label(),), time=task.start))  # fmt: skip
                 continue
-            if task.start < -EPS:
+            if task.start < -eps:
                 out.append(Violation("negative-start", f"{task.label()} starts at {task.start:g} < 0", (task.label(),),
                                      time=task.start))  # fmt: skip
             seen[key] = task
@@ -169,7 +189,7 @@ class Schedule:
         for (name, m), task in seen.items():
             for dep in p.block(name).after:
                 pre = seen.get((dep, m))
-                if pre is not None and self.end(pre) > task.start + EPS:
+                if pre is not None and self.end(pre) > task.start + eps:
                     out.append(Violation(
                         "dependency",
                         f"{task.label()} starts at {task.start:g} before its dependency {pre.label()} ends at {self.end(pre):g}",
@@ -177,7 +197,7 @@ class Schedule:
         for device in range(p.num_devices):
             running: Task | None = None
             for task in sorted(t for t in seen.values() if device in p.block(t.block).devices):
-                if running is not None and task.start < self.end(running) - EPS:
+                if running is not None and task.start < self.end(running) - eps:
                     out.append(Violation(
                         "overlap",
                         f"device {device}: {task.label()} starts at {task.start:g} while {running.label()} runs "
@@ -186,10 +206,10 @@ class Schedule:
                 if running is None or self.end(task) > self.end(running):
                     running = task
             cap = p.capacity[device]
-            for time, level in self.memory_profile(device):
-                if level > cap + EPS:
+            for time, level in self.memory_profile(device, eps):
+                if level > cap + memory_eps:
                     started = tuple(
-                        t.label() for t in self.tasks_on(device) if abs(_quantize(t.start) - time) <= EPS
+                        t.label() for t in self.tasks_on(device) if abs(_quantize(t.start, eps) - time) <= eps
                     )
                     where = "static memory" if math.isinf(time) else f"time {time:g}"
                     out.append(Violation(
@@ -213,7 +233,8 @@ class Schedule:
         p = self.placement
         makespan = self.makespan
         busy = tuple(sum(self.duration(t) for t in self.tasks_on(d)) for d in range(p.num_devices))
-        peak = tuple(max(level for _, level in self.memory_profile(d)) for d in range(p.num_devices))
+        eps = self.time_tolerance()
+        peak = tuple(max(level for _, level in self.memory_profile(d, eps)) for d in range(p.num_devices))
         bubble = 1.0 - sum(busy) / (p.num_devices * makespan) if makespan > 0 else 0.0
         return Metrics(makespan, busy, bubble, peak, self.num_micro_batches / makespan if makespan else 0.0)
 
@@ -295,9 +316,9 @@ def _whole(value: Any, what: str) -> int:
     return int(value)
 
 
-def _quantize(time: float) -> float:
-    """Group event times that differ only by float noise."""
-    return round(time, 9)
+def _quantize(time: float, tolerance: float) -> float:
+    """Group event times that differ only by float noise (``tolerance``)."""
+    return round(time / tolerance) * tolerance if math.isfinite(time) else time
 
 
 DeviceOrders = list[list[tuple[str, int]]]

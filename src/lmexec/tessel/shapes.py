@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 
 from lmexec.errors import UserError
 from lmexec.tessel.block import Block, BlockKind
-from lmexec.tessel.placement import MAX_DEVICES, Placement, chain
+from lmexec.tessel.placement import MAX_BLOCKS, MAX_DEVICES, Placement, chain
 
 ROLE_DEFAULTS: dict[str, tuple[float, float]] = {
     "F": (1.0, 1.0),
@@ -104,6 +104,11 @@ def vshape(m: _Maker) -> list[Block]:
 def interleaved(m: _Maker, chunks: int = 2) -> list[Block]:
     if chunks < 1:
         raise UserError("interleaved needs at least one chunk per device")
+    if 2 * chunks * m.devices > MAX_BLOCKS:  # checked before building them
+        raise UserError(
+            f"interleaved: {chunks} chunks on {m.devices} devices make {2 * chunks * m.devices} blocks; "
+            f"at most {MAX_BLOCKS}"
+        )
     forwards, backwards = _pipeline(m, [s % m.devices for s in range(chunks * m.devices)])
     return chain(forwards + backwards)
 

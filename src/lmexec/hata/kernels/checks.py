@@ -69,6 +69,9 @@ def check_codes(
         )
     elif key_blocks is not None and _shape(key_blocks)[:2] != k[:2]:
         problems.append(f"code blocks {list(_shape(key_blocks))} do not match key codes {list(k)}")
+    for name, codes in (("query codes", query_codes), ("key codes", key_codes)):
+        if codes.dtype != torch.int64:  # a narrower word would be sign-extended into the popcount
+            problems.append(f"{name} must be int64 words (as encode packs them), got {codes.dtype}")
     if len(k) == 4:
         _check_mask("valid", valid, (k[0], k[2]), problems)
     _fail("hamming_topk", problems)

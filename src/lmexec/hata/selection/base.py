@@ -53,6 +53,12 @@ VALID_STATE = "valid"
 that decode padded batches (the transformers integration); softmax-based scores then ignore padding."""
 
 
+def padding_mask(cache: LayerCache) -> torch.Tensor | None:
+    """The cache's padding mask (see :data:`VALID_STATE`), if it has one."""
+    valid = cache.state.get(VALID_STATE)
+    return valid if isinstance(valid, torch.Tensor) else None
+
+
 def group_softmax_sum(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, H_kv, G, N]`` logits -> ``[B, H_kv, N]``: softmax per query head, summed over the group.
 
@@ -88,8 +94,10 @@ class SelectionMethod(ABC):
         budget: Budget,
         scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Indices ``[B, H_kv, k]`` to attend to (pass ``scores`` to reuse them across budgets)."""
-        return top_k_indices(self.scores(query, cache, layer) if scores is None else scores, budget)
+        """Indices ``[B, H_kv, k]`` to attend to (pass ``scores`` to reuse them across budgets); padding
+        (``cache.state[VALID_STATE]``) is not chosen while enough real keys remain."""
+        scores = self.scores(query, cache, layer) if scores is None else scores
+        return top_k_indices(scores, budget, padding_mask(cache))
 
     def attend(
         self, query: torch.Tensor, cache: LayerCache, layer: int, budget: Budget, scale: float | None = None
@@ -101,9 +109,9 @@ class SelectionMethod(ABC):
         from lmexec.hata import kernels
 
         indices = self.select(query, cache, layer, budget)
-        valid = cache.state.get(VALID_STATE)
-        valid = valid if isinstance(valid, torch.Tensor) else None
-        return kernels.gather_attention(query, cache.keys, cache.values, indices, scale, valid=valid)
+        return kernels.gather_attention(
+            query, cache.keys, cache.values, indices, scale, valid=padding_mask(cache)
+        )
 
     def check_model(self, n_kv_heads: int, head_dim: int) -> None:  # noqa: B027 - optional hook
         """Refuse (UserError) a model this instance cannot serve; ``enable`` calls it before any decode."""

@@ -16,8 +16,8 @@ import torch
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import GrowableBuffer, LayerCache
-from lmexec.hata.codes import n_words
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod
+from lmexec.hata.codes import code_bytes, n_words
+from lmexec.hata.selection.base import SelectionMethod, padding_mask
 
 
 class HashSelection(SelectionMethod):
@@ -114,15 +114,14 @@ class HashSelection(SelectionMethod):
         self, cache: LayerCache
     ) -> tuple[GrowableBuffer, torch.Tensor | None, GrowableBuffer | None]:
         """The key code buffer, the validity mask (padding) and the code block buffer (None where absent)."""
-        valid = cache.state.get(VALID_STATE)
         return (
             self._codes(cache),
-            valid if isinstance(valid, torch.Tensor) else None,
+            padding_mask(cache),
             cache.extras.get(self._blocks_name),  # absent where blocks are not kept
         )
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
-        return self.bits / 8
+        return code_bytes(self.bits)
 
     def describe(self) -> str:
         return f"{self.name} {self.bits}-bit"

@@ -26,7 +26,13 @@ def register_search(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="micro-batches (default 4 x devices)",
     )
-    p.add_argument("--time-limit", type=float, default=30.0, help="seconds for the whole search (default 30)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=30.0,
+        help="seconds for the solvers (default 30); building, checking and comparing the N micro-batches' "
+        "schedules adds time that grows with N",
+    )
     p.add_argument("--solver", choices=["cpsat", "z3"], default="cpsat", help="repetend solver")
     p.add_argument("--workers", type=positive_int, default=2, help="CP-SAT worker threads (default 2)")
     p.add_argument("--json", type=output_path, help="write the result and the baselines' figures as JSON")
@@ -69,14 +75,25 @@ def cmd_search(args: argparse.Namespace) -> int:
          "fits", "seconds"],
         rows,
     )  # fmt: skip
-    proof = (
-        "optimal (proven)" if result.period_optimal else f"not proven optimal (bound {result.period_bound:g})"
-    )
-    console.print(
-        f"period {result.period:g} {proof}; work bound {result.work_bound:g}; {result.in_flight} micro-batches "
-        f"in flight; search {result.search_seconds:.2f} s (repetend {result.repetend_seconds:.2f} s, "
+    seconds = (
+        f"search {result.search_seconds:.2f} s (repetend {result.repetend_seconds:.2f} s, "
         f"completion {result.completion_seconds:.2f} s)"
     )
+    if result.periodic:
+        proof = (
+            "optimal (proven)"
+            if result.period_optimal
+            else f"not proven optimal (bound {result.period_bound:g})"
+        )
+        console.print(
+            f"period {result.period:g} {proof}; work bound {result.work_bound:g}; {result.in_flight} micro-batches "
+            f"in flight; {seconds}"
+        )
+    else:
+        console.print(
+            f"no periodic schedule: a micro-batch keeps memory on a device, so no repetend fits {n} micro-batches; "
+            f"the schedule is the direct solver's (makespan {result.makespan:g}); {seconds}"
+        )
     if args.json:
         console.print(f"json: {write_json(args.json, payload)}")
     write_outputs(result.schedule, args)
@@ -94,12 +111,17 @@ def _comparison(result: SearchResult) -> tuple[list[list[Any]], dict[str, Any]]:
     placement, n = result.placement, result.micro_batches
     metrics = result.schedule.metrics()
     peak = "/".join(f"{v:g}" for v in metrics.peak_memory)
+    periodic = (
+        [result.period, result.period_bound, f"{result.steady_bubble_rate:.1%}"]
+        if result.periodic
+        else [None] * 3
+    )
     rows = [
-        ["tessel search", result.period, result.period_bound, f"{result.steady_bubble_rate:.1%}", metrics.makespan,
+        ["tessel search", *periodic, metrics.makespan,
          result.makespan_bound, f"{metrics.bubble_rate:.1%}", peak, "yes", round(result.search_seconds, 2)]
     ]  # fmt: skip
     baselines = {}
-    for name, schedule in applicable_baselines(placement, n).items():
+    for name, schedule in (result.baselines or applicable_baselines(placement, n)).items():
         m = schedule.metrics()
         fits = not any(v.kind == "memory" for v in schedule.validate())
         baselines[name] = {**m.to_dict(), "fits_memory": fits}

@@ -17,7 +17,7 @@ from typing import Any
 
 from lmexec.errors import UserError
 from lmexec.tessel.baselines import applicable_baselines
-from lmexec.tessel.placement import Placement
+from lmexec.tessel.placement import Placement, exceeds
 from lmexec.tessel.schedule import Schedule
 from lmexec.tessel.search import repetend as rp
 from lmexec.tessel.search.completion import Completion, complete, to_schedule
@@ -76,10 +76,15 @@ class SearchResult:
     in_flight: int
     candidates: list[Candidate] = field(default_factory=list)
     completion_steps: dict[str, float] = field(default_factory=dict)
+    periodic: bool = True
+    baselines: dict[str, Schedule] = field(default_factory=dict)
+    """The applicable baselines for this N (built once for the portfolio; the CLI compares with them)."""
+    """False when the repetend did not fit this N (a micro-batch keeps memory on a device) and the
+    schedule comes from the direct solver: the period figures then describe no returned schedule."""
 
     @property
     def period_optimal(self) -> bool:
-        return self.period <= self.period_bound + 1e-9
+        return self.periodic and self.period <= self.period_bound * (1 + 1e-9)
 
     @property
     def makespan(self) -> float:
@@ -100,12 +105,13 @@ class SearchResult:
             "inference": self.placement.is_inference,
             "micro_batches": self.micro_batches,
             "solver": self.solver,
-            "period": self.period,
-            "period_lower_bound": self.period_bound,
+            "periodic": self.periodic,
+            "period": self.period if self.periodic else None,
+            "period_lower_bound": self.period_bound if self.periodic else None,
             "period_optimal": self.period_optimal,
             "work_bound": self.work_bound,
-            "steady_bubble_rate": self.steady_bubble_rate,
-            "in_flight": self.in_flight,
+            "steady_bubble_rate": self.steady_bubble_rate if self.periodic else None,
+            "in_flight": self.in_flight if self.periodic else None,
             "makespan": metrics.makespan,
             "makespan_lower_bound": self.makespan_bound,
             "bubble_rate": metrics.bubble_rate,
@@ -260,6 +266,7 @@ def search(
     problems = schedule.validate()
     if any(v.kind != "memory" for v in problems):
         raise RuntimeError(f"internal error: search produced an invalid schedule: {problems[0]}")
+    periodic = not problems
     if problems:  # only for placements whose micro-batches do not give back their memory per device
         schedule = _exact_fallback(prob, micro_batches, time_limit - (time.perf_counter() - began), workers)
         if schedule is None:
@@ -270,16 +277,21 @@ def search(
                 "schedule in time; raise --memory or --time-limit"
             )
         done.steps["exact-fallback"] = round(schedule.makespan / float(prob.time.unit))
-    chosen = None
+    chosen, baselines = None, {}
     if portfolio:
-        schedule, chosen = _best_of_baselines(schedule)
-    schedule.info = {"period": unit(rep.period), "period_lower_bound": unit(proven), "solver": solver}
+        baselines = applicable_baselines(placement, micro_batches)
+        schedule, chosen = _best_of_baselines(schedule, baselines)
+    # a bound proven on rounded-up durations or memory is no bound on the real placement
+    period_bound = max(placement.max_work, unit(proven)) if prob.exact else placement.max_work
+    schedule.info = {"solver": solver} | (
+        {"period": unit(rep.period), "period_lower_bound": period_bound} if periodic else {}
+    )
     return SearchResult(
         placement=placement,
         micro_batches=micro_batches,
         solver=solver,
         period=unit(rep.period),
-        period_bound=max(placement.max_work, unit(proven)) if prob.time.exact else placement.max_work,
+        period_bound=period_bound,
         work_bound=placement.max_work,
         schedule=schedule,
         makespan_bound=placement.makespan_lower_bound(micro_batches),
@@ -291,6 +303,8 @@ def search(
         candidates=[Candidate(unit(p), s, t) for p, s, t in log],
         completion_steps={k: unit(v) for k, v in done.steps.items()}
         | ({f"baseline {chosen.name}": chosen.makespan} if chosen else {}),
+        periodic=periodic,
+        baselines=baselines,
     )
 
 
@@ -304,11 +318,16 @@ def _repetend_window(prob, rep, done: Completion, n: int, first: int) -> tuple[f
     return (prob.time.real(t0), prob.time.real(t0 + rep.period))
 
 
-def _best_of_baselines(schedule: Schedule) -> tuple[Schedule, Schedule | None]:
-    """The composed schedule, or a faster valid baseline for the same placement, memory and N."""
+def _best_of_baselines(
+    schedule: Schedule, baselines: dict[str, Schedule] | None = None
+) -> tuple[Schedule, Schedule | None]:
+    """The composed schedule, or a faster valid baseline (of ``baselines``, by default every applicable
+    one) for the same placement, memory and N."""
+    if baselines is None:
+        baselines = applicable_baselines(schedule.placement, schedule.num_micro_batches)
     best = schedule
-    for candidate in applicable_baselines(schedule.placement, schedule.num_micro_batches).values():
-        if candidate.makespan < best.makespan - 1e-9 and not candidate.validate():
+    for candidate in baselines.values():
+        if candidate.makespan < best.makespan * (1 - 1e-9) and not candidate.validate():
             best = candidate
     if best is schedule:
         return schedule, None
@@ -351,14 +370,14 @@ def _no_room_message(prob: IntProblem, n: int) -> str | None:
         if not prob.limited(d):
             continue
         need = single_batch_minimum(prob, d)
-        if need is not None and need > placement.capacity[d] + 1e-9:
+        if need is not None and exceeds(need, placement.capacity[d]):
             return (
                 f"placement {placement.name!r}: one micro-batch alone needs memory {need:g} on device {d} "
                 f"but its capacity is {placement.capacity[d]:g}"
             )
         keep = prob.memory.real(prob.net[d])
         total = placement.static_memory[d] + n * keep
-        if prob.net[d] > 0 and total > placement.capacity[d] + 1e-9:
+        if prob.net[d] > 0 and exceeds(total, placement.capacity[d]):
             return (
                 f"placement {placement.name!r}: each micro-batch keeps memory {keep:g} on device {d}; "
                 f"{n} micro-batches need at least {total:g} there but its capacity is "

@@ -60,9 +60,10 @@ def solve_exact(
         fifo=fifo,
     )
     bound = prob.time.real(result.bound if result.bound is not None else lower)
-    if not prob.time.exact:  # rounded-up durations: the integer bound is not a bound on the floats
+    if not prob.exact:  # rounded up: the integer bound and optimum are not the real problem's
         bound = placement.makespan_lower_bound(micro_batches)
     if result.starts is None:
         return ExactResult(None, None, bound, False, result.status, result.seconds)
     schedule = to_schedule(prob, result.starts, micro_batches, "exact")
-    return ExactResult(schedule, schedule.makespan, bound, result.optimal, result.status, result.seconds)
+    optimal = result.optimal and (prob.exact or schedule.makespan <= bound * (1 + 1e-9))
+    return ExactResult(schedule, schedule.makespan, bound, optimal, result.status, result.seconds)

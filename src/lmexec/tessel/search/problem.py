@@ -1,7 +1,8 @@
 """Integer view of a placement for the solvers (CP-SAT and z3 only take integers).
 
 Durations and memory may be floats (profiled milliseconds and bytes). They are mapped to integers
-either *exactly* (a common rational scale with a bounded denominator) or, when that would make the
+either *exactly* (a common rational unit: denominators bounded, whole multiples divided by their
+common factor) or, when that would make the
 numbers too large, *conservatively* at a fixed resolution: durations and memory deltas are rounded
 up, capacities down. A schedule that is valid on the integers is then valid on the real floats, so
 :meth:`Schedule.validate` always passes on what the search returns. Rounding every delta up would
@@ -26,16 +27,20 @@ MEMORY_RESOLUTION = 1_000_000
 NO_LIMIT = 1 << 40
 
 
-def _exact_scale(values: list[float], limit: int) -> int | None:
-    """Smallest integer q with q*v integral for every v (denominators <= MAX_DENOMINATOR), if q*max <= limit."""
-    scale = 1
+def _exact_unit(values: list[float], limit: int) -> Fraction | None:
+    """The largest unit u with every v/u an integer (each v a fraction with denominator <=
+    MAX_DENOMINATOR), if max|v|/u <= limit. Whole multiples share their common factor: 1e9-byte
+    activations under a 3e9 capacity are 1 and 3 units, not "too fine"."""
+    fracs = []
     for value in values:
         frac = Fraction(value).limit_denominator(MAX_DENOMINATOR)
         if float(frac) != value:  # only exact: 1e-10 is not 0, and 30000.00002 is not 30000
             return None
-        scale = math.lcm(scale, frac.denominator)
-    biggest = max((abs(v) for v in values), default=0.0)
-    return scale if biggest * scale <= limit else None
+        fracs.append(frac)
+    denominator = math.lcm(*(f.denominator for f in fracs))
+    unit = Fraction(math.gcd(*(f.numerator * (denominator // f.denominator) for f in fracs)), denominator)
+    biggest = max(abs(f) for f in fracs)
+    return unit if biggest / unit <= limit else None
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,11 @@ class Scale:
 
     def up(self, value: float) -> int:
         q = Fraction(value) / self.unit
-        return round(q) if self.exact else math.ceil(q - Fraction(1, 10**9))
+        return round(q) if self.exact else math.ceil(q)
 
     def down(self, value: float) -> int:
         q = Fraction(value) / self.unit
-        return round(q) if self.exact else math.floor(q + Fraction(1, 10**9))
+        return round(q) if self.exact else math.floor(q)
 
     def real(self, value: int) -> float:
         return float(value * self.unit)
@@ -61,9 +66,9 @@ def _make_scale(values: list[float], resolution: int) -> Scale:
     nonzero = [v for v in values if v != 0]
     if not nonzero:
         return Scale(Fraction(1), True)
-    q = _exact_scale(nonzero, resolution * 100)
-    if q is not None:
-        return Scale(Fraction(1, q), True)
+    unit = _exact_unit(nonzero, resolution * 100)
+    if unit is not None:
+        return Scale(unit, True)
     return Scale(Fraction(max(abs(v) for v in nonzero)) / resolution, False)
 
 
@@ -137,6 +142,11 @@ class IntProblem:
             tuple(NO_LIMIT if math.isinf(c) else memory.down(c) for c in placement.capacity),
             tuple(memory.up(s) for s in placement.static_memory),
         )
+
+    @property
+    def exact(self) -> bool:
+        """No rounding in time or memory: what the integer problem proves holds for the real one."""
+        return self.time.exact and self.memory.exact
 
     @property
     def size(self) -> int:
