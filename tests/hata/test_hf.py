@@ -113,6 +113,32 @@ def test_left_padded_batch_equals_each_sequence():
             assert torch.equal(together[row, width:], alone[0, len(seq) :]), (method, row)
 
 
+@pytest.mark.parametrize("method", ["quest", "loki"])
+def test_what_the_padding_holds_does_not_move_the_selection(method):
+    """Quest's page min/max and Loki's prefill-fitted basis summarise several keys: built at prefill,
+    before the padding is known, they took the pad tokens' keys in, so the pad id changed the tokens of
+    the padded row (Quest) and of the unpadded one (Loki's basis is shared by the batch)."""
+    model = tiny(dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(1, 96, (n,), generator=g) for n in (80, 37)]
+    mask = torch.zeros(2, 80, dtype=torch.long)
+    mask[0], mask[1, 43:] = 1, 1
+    outputs = []
+    for pad_id in (0, 61):
+        batch = torch.full((2, 80), pad_id)
+        batch[0], batch[1, 43:] = seqs[0], seqs[1]
+        handle = enable(model, method=method, budget=0.1, sink=0, recent=1, dense_layers=1)
+        out = model.generate(
+            batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad_id,
+            cache=handle.cache(), output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        handle.disable()
+        outputs.append((out.sequences[:, 80:], torch.stack(out.logits, 1)))
+    (tokens_a, logits_a), (tokens_b, logits_b) = outputs
+    assert torch.equal(tokens_a, tokens_b)
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-9, rtol=1e-9)
+
+
 def test_padding_is_never_selected_and_budgets_count_valid_tokens():
     n = 40
     valid = torch.ones(3, n, dtype=torch.bool)
@@ -351,3 +377,18 @@ def test_disable_restores_the_implementation_from_before_the_first_enable():
     assert model.config._attn_implementation == "eager"
     first.disable()
     assert model.config._attn_implementation == "eager"
+
+
+def test_handle_generate_uses_a_cache_passed_as_past_key_values():
+    """``handle.generate(..., past_key_values=c)`` set its own fresh cache beside it, so transformers
+    ignored ``c`` (with a warning) and ``c`` recorded nothing."""
+    model = tiny()
+    handle = enable(model, method="oracle", budget=16, dense_layers=1)
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = handle.cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert not [w for w in caught if "ignoring" in str(w.message)]
+    assert cache.settings.stats["steps"] == 4 * 3 and cache.get_seq_length() == 44
+    handle.disable()

@@ -249,3 +249,28 @@ def test_select_skips_padding_while_real_keys_remain(name):
         assert bool(valid[0, chosen.flatten()].all()), chosen
         out = method.attend(q, cache, 0, budget)
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["quest", "loki"])
+def test_features_rebuilt_without_padding_ignore_what_the_padding_holds(name):
+    """Quest's page min/max and Loki's fitted basis are built at prefill, before the padding is known;
+    ``on_padding`` rebuilds them so the pad keys' values no longer change any real key's score."""
+    from lmexec.hata.selection.base import VALID_STATE
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 16, generator=gen)
+    k = torch.randn(2, 2, 70, 16, generator=gen)
+    v = torch.randn(2, 2, 70, 16, generator=gen)
+    valid = torch.ones(2, 70, dtype=torch.bool)
+    valid[1, :27] = False  # row 1: left padding, ending inside a page
+    scores = []
+    for pad_value in (0.0, 40.0):
+        keys = k.clone()
+        keys[1, :, :27] = pad_value
+        method = METHODS[name]()
+        cache = LayerCache.from_prefill(keys, v)
+        method.prepare(cache, 0)
+        cache.state[VALID_STATE] = valid
+        method.on_padding(cache, 0)
+        scores.append(method.scores(q, cache, 0).masked_fill(~valid[:, None, :], 0))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)

@@ -27,6 +27,8 @@ from lmexec.hata.selection.base import VALID_STATE
 from lmexec.hata.selection.hashing import HashSelection
 
 ATTENTION_NAME = "hata"
+PADDING_SEEN_STATE = "padding_seen"
+"""``LayerCache.state`` key: the key count when the method last rebuilt its features without padding."""
 _warned = False
 
 
@@ -142,6 +144,10 @@ def hata_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         storage.state.pop(VALID_STATE, None)
     else:
         storage.state[VALID_STATE] = valid
+        seen = storage.state.get(PADDING_SEEN_STATE)
+        if seen is None or valid.shape[1] - seen > 1:  # first decode step, or a new (padded) prompt
+            settings.method.on_padding(storage, layer_idx)
+            storage.state[PADDING_SEEN_STATE] = valid.shape[1]
     settings.stats["steps"] += 1
     if valid is None and isinstance(settings.method, HashSelection):
         # no padding: the fused score + top-k kernel, same choice as select_valid (ties to the earlier

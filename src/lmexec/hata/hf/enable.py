@@ -177,8 +177,10 @@ class HataHandle:
         return {"cache": self.cache()}
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with a fresh HATA cache."""
-        kwargs.setdefault("cache", self.cache())
+        """``model.generate`` with a fresh HATA cache, unless one is passed (``cache=`` or
+        ``past_key_values=``)."""
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = self.cache()
         return self.model.generate(*args, **kwargs)
 
     def disable(self) -> None:

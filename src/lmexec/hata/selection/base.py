@@ -82,6 +82,12 @@ class SelectionMethod(ABC):
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:  # noqa: B027 - optional hook
         """Called after keys ``start:`` were appended; methods with key features extend them here."""
 
+    def on_padding(self, cache: LayerCache, layer: int) -> None:  # noqa: B027 - optional hook
+        """Called once the cache's padding mask (``cache.state[VALID_STATE]``) is known or has grown by
+        more than the decoded token: decode knows the padding, prefill (which called :meth:`prepare`) did
+        not. Methods whose features summarise several keys (pages, a fitted basis) rebuild them here
+        without the padding keys, whose values (any pad token's) must not move the selection."""
+
     @abstractmethod
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
         """Selection scores ``[B, H_kv, N]`` for decode queries ``[B, H_q, d]``; higher = keep."""

@@ -16,13 +16,25 @@ from dataclasses import dataclass, field
 import torch
 
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum, reduced_rank
+from lmexec.hata.selection.base import (
+    VALID_STATE,
+    SelectionMethod,
+    group_softmax_sum,
+    padding_mask,
+    reduced_rank,
+)
 
 
-def fit_basis(keys: torch.Tensor) -> torch.Tensor:
-    """Principal directions of keys ``[B, H_kv, T, d]`` -> ``[H_kv, d, d]`` (columns by decreasing variance)."""
-    flat = keys.float().transpose(0, 1).reshape(keys.shape[1], -1, keys.shape[3])  # [H_kv, B*T, d]
-    moment = flat.transpose(1, 2) @ flat / flat.shape[1]
+def fit_basis(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Principal directions of keys ``[B, H_kv, T, d]`` -> ``[H_kv, d, d]`` (columns by decreasing variance);
+    keys where ``valid [B, T]`` is False (padding) are left out."""
+    keys = keys.float()
+    count = keys.shape[0] * keys.shape[2]
+    if valid is not None:
+        keys = keys * valid[:, None, :, None]  # a zero key adds nothing to the moment
+        count = max(1, int(valid.sum()))
+    flat = keys.transpose(0, 1).reshape(keys.shape[1], -1, keys.shape[3])  # [H_kv, B*T, d]
+    moment = flat.transpose(1, 2) @ flat / count
     _, vectors = torch.linalg.eigh(moment)  # ascending eigenvalues
     return vectors.flip(-1)
 
@@ -34,6 +46,8 @@ class Loki(SelectionMethod):
     """Principal dimensions kept (default ``head_dim // 4``)."""
     bases: dict[int, torch.Tensor] = field(default_factory=dict)
     """Calibrated ``{layer: P [H_kv, d, d]}``; layers without one are fitted on their prefill keys."""
+    fitted: set[int] = field(default_factory=set, repr=False)
+    """Layers whose basis was fitted here on prefill keys (refitted without padding once it is known)."""
 
     def _rank(self, head_dim: int) -> int:
         return reduced_rank(self.name, self.rank, head_dim)
@@ -47,6 +61,12 @@ class Loki(SelectionMethod):
     def prepare(self, cache: LayerCache, layer: int) -> None:
         if layer not in self.bases:
             self.bases[layer] = fit_basis(cache.keys)
+            self.fitted.add(layer)
+        self.on_append(cache, layer, 0)
+
+    def on_padding(self, cache: LayerCache, layer: int) -> None:
+        if layer in self.fitted:  # a calibrated basis never saw this batch's padding
+            self.bases[layer] = fit_basis(cache.keys, padding_mask(cache))
         self.on_append(cache, layer, 0)
 
     def on_append(self, cache: LayerCache, layer: int, start: int) -> None:

@@ -1,7 +1,8 @@
 """``quest``: page-level selection from per-channel key minima and maxima (Quest, ICML 2024).
 
 Keys are grouped into pages of ``page`` tokens (16 by default); each page stores the per-channel min and
-max of its keys, kept up to date in place as keys are appended. A page's score is the upper bound
+max of its keys, kept up to date in place as keys are appended; padding keys (known at decode, see
+``on_padding``) are left out of both and pages of padding alone out of the softmax. A page's score is the upper bound
 ``sum_j max(q_j min_j, q_j max_j)`` of q.k over the page; bounds go through a softmax (scaled by
 1/sqrt(d)) per query head and are summed over the GQA group. Every token takes its page's score, so
 the top-k fills whole pages in page order (the last page may be cut at the budget). Selection bytes:
@@ -17,7 +18,7 @@ import torch
 
 from lmexec.errors import UserError
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import SelectionMethod, group_softmax_sum
+from lmexec.hata.selection.base import SelectionMethod, group_softmax_sum, padding_mask
 
 
 def page_bounds(query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
@@ -44,20 +45,44 @@ class Quest(SelectionMethod):
         first_page = start // self.page  # the last page may have been partial: recompute it
         first = first_page * self.page
         chunk = keys[:, :, first:]
-        n_pages = -(-chunk.shape[2] // self.page)
-        pad = n_pages * self.page - chunk.shape[2]
-        if pad:  # pad a partial page with copies of its last key: neutral for min and max
-            chunk = torch.cat([chunk, chunk[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
-        paged = chunk.reshape(*chunk.shape[:2], n_pages, self.page, d)
-        lo_buf.write(first_page, paged.amin(dim=3))
-        hi_buf.write(first_page, paged.amax(dim=3))
+        b, h, t, _ = chunk.shape
+        n_pages = -(-t // self.page)
+        real = self._real(cache, first, t)  # [B, pages * page]: a key counts unless it is padding
+        lo = chunk.new_full((b, h, n_pages * self.page, d), math.inf)
+        hi = chunk.new_full((b, h, n_pages * self.page, d), -math.inf)
+        lo[:, :, :t] = chunk.masked_fill(~real[:, None, :t, None], math.inf)
+        hi[:, :, :t] = chunk.masked_fill(~real[:, None, :t, None], -math.inf)
+        lo = lo.reshape(b, h, n_pages, self.page, d).amin(dim=3)
+        hi = hi.reshape(b, h, n_pages, self.page, d).amax(dim=3)
+        empty = ~real.reshape(b, 1, n_pages, self.page, 1).any(dim=3)  # all padding: scored -inf anyway
+        lo_buf.write(first_page, lo.masked_fill(empty, 0))
+        hi_buf.write(first_page, hi.masked_fill(empty, 0))
+
+    def on_padding(self, cache: LayerCache, layer: int) -> None:
+        self.on_append(cache, layer, 0)  # every page again, its padding keys left out
+
+    def _real(self, cache: LayerCache, first: int, t: int) -> torch.Tensor:
+        """Whether each of keys ``first..first+t`` (padded to whole pages with False) is a real key."""
+        n_pages = -(-t // self.page)
+        real = torch.zeros(
+            cache.keys.shape[0], n_pages * self.page, dtype=torch.bool, device=cache.keys.device
+        )
+        real[:, :t] = True
+        valid = padding_mask(cache)
+        if valid is not None:  # the mask may lag the keys by the token being appended: that one is real
+            known = valid[:, first : first + t]
+            real[:, : known.shape[1]] = known
+        return real
 
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
         keys = cache.keys
         b, h_kv, n, d = keys.shape
         grouped = query.reshape(b, h_kv, -1, d)
         bounds = page_bounds(grouped, cache.extras["quest_min"].view(), cache.extras["quest_max"].view())
-        page_scores = group_softmax_sum(bounds / math.sqrt(d))  # [B, H_kv, P]
+        real_pages = None
+        if padding_mask(cache) is not None:  # pages of padding alone stay out of the softmax
+            real_pages = self._real(cache, 0, n).reshape(b, -1, self.page).any(dim=2)
+        page_scores = group_softmax_sum(bounds / math.sqrt(d), real_pages)  # [B, H_kv, P]
         page_of_token = torch.arange(n, device=keys.device) // self.page
         return page_scores[:, :, page_of_token]
 
