@@ -20,6 +20,8 @@ from lmexec.cli import main
         (["--context", "8"], "--context must be at least 64"),
         (["--seed", str(2**80)], "--seed must be a whole number in 0..2**63-1"),
         (["--budget", "4", "--sink", "4", "--recent", "4"], "count inside the budget"),
+        (["--methods", "simhash,simhash"], "--methods lists simhash more than once"),  # summed twice
+        (["--context", "512", "--budgets", "64,1024"], "--budgets 1024 exceed --context 512"),  # was dropped
         (
             ["--model", "no-such-model", "--context", "64", "--positions", "1"],
             "unknown model 'no-such-model'",
@@ -93,3 +95,27 @@ def test_model_folders_transformers_cannot_use_are_one_line_errors(capsys, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budgets", "64,64"], "--budgets lists 64 more than once"),  # one sample printed as 2/2
+        (["--methods", "oracle,oracle"], "--methods lists oracle more than once"),
+        (["--contexts", "256,256"], "--contexts lists 256 more than once"),
+    ],
+)
+def test_eval_refuses_a_list_that_repeats_a_value(capsys, flags, message):
+    assert main(["hata", "eval", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_shipped_weights_are_found_for_our_converted_model_folder():
+    """``fidelity --model <our smollm2 folder>`` refused the weights ``eval`` and ``enable`` found there."""
+    from lmexec.hata.weights import default_weights
+
+    shipped = default_weights("smollm2", 128)
+    assert shipped is not None and shipped.is_file()
+    assert default_weights("/root/.cache/lmexec/models/smollm2", 128) == shipped
+    assert default_weights("smollm2", 64) is None and default_weights("/models/llama-3", 128) is None

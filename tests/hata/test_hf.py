@@ -245,6 +245,13 @@ def test_bad_input_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(UserError, match="model family 'gpt2' is not supported"):
         enable(gpt2, method="simhash")
+    windowed = tiny("mistral")
+    windowed.config.sliding_window = 16  # Mistral's window is on whenever it is set
+    with pytest.raises(UserError, match="sliding attention window is not supported"):
+        enable(windowed, method="simhash")
+    qwen = tiny("qwen2")
+    qwen.config.sliding_window, qwen.config.use_sliding_window = 16, False  # off: accepted
+    enable(qwen, method="simhash").disable()
 
 
 def test_cache_is_a_transformers_cache():

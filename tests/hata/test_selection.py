@@ -274,3 +274,13 @@ def test_features_rebuilt_without_padding_ignore_what_the_padding_holds(name):
         method.on_padding(cache, 0)
         scores.append(method.scores(q, cache, 0).masked_fill(~valid[:, None, :], 0))
     torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+
+
+def test_method_settings_that_are_mistakes_are_refused():
+    """rank=0 silently meant the default d/4; numpy weights crashed with an AttributeError."""
+    for method in (Loki(rank=0), SparQ(rank=0)):
+        with pytest.raises(UserError, match="rank must be between 1 and head_dim"):
+            method.check_model(2, 16)
+    for weights in ({0: np.zeros((2, 16, 64), np.float32)}, np.zeros((2, 16, 64), np.float32)):
+        with pytest.raises(UserError, match="hash weights must be torch tensors, got ndarray"):
+            Hata(weights=weights)

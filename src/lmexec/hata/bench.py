@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lmexec.errors import UserError
+from lmexec.errors import UserError, check_distinct
 from lmexec.hata import kernels
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import GrowableBuffer, LayerCache
@@ -118,9 +118,7 @@ class BenchConfig:
             )
         for flag, values in (("methods", self.methods), ("dtype", self.dtypes), ("contexts", self.contexts),
                              ("batch", self.batches)):  # fmt: skip
-            twice = sorted({str(v) for v in values if values.count(v) > 1})
-            if twice:  # the rows would repeat and one row would pool two runs' samples
-                raise UserError(f"--{flag} lists {', '.join(twice)} more than once")
+            check_distinct(f"--{flag}", values)
         for name, flag in (("contexts", "contexts"), ("batches", "batch")):
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from lmexec.errors import UserError
 from lmexec.reporting import output_path, picture_path
 
 
@@ -99,12 +100,16 @@ def _fidelity(args: argparse.Namespace) -> int:
     from lmexec.reporting import console, print_table, write_json
 
     budget = parse_budget(args.budget)
-    sweep = _budgets(args.budgets) or (DEFAULT_SWEEP if args.png else ())
+    given = _budgets(args.budgets)
+    too_big = [f"{b:g}" for b in given if b >= 1 and b > args.context]
+    if too_big:  # a budget past the context is dense attention: not a point of the sweep
+        raise UserError(f"--budgets {', '.join(too_big)} exceed --context {args.context}")
+    sweep = given or (tuple(b for b in DEFAULT_SWEEP if b <= args.context) if args.png else ())
     config = FidelityConfig(
         model=args.model,
         context=args.context,
         budget=budget,
-        budgets=tuple(b for b in sweep if b < 1 or b <= args.context),
+        budgets=sweep,
         methods=_csv(args.methods),
         bits=args.bits,
         sink=args.sink,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmexec.errors import UserError, check_seed
+from lmexec.errors import UserError, check_distinct, check_seed
 from lmexec.hata.attention import attention_logits, attention_probs, dense_attention, sparse_attention
 from lmexec.hata.budget import Budget
 from lmexec.hata.cache import LayerCache
@@ -95,6 +95,8 @@ class FidelityConfig:
             )
         if self.dense_layers < 0:
             raise UserError(f"--dense-layers must be >= 0, got {self.dense_layers}")
+        check_distinct("--methods", self.methods)
+        check_distinct("--texts", self.texts)
         bad = [t for t in self.texts if t not in KINDS]
         if bad or not self.texts:
             raise UserError(

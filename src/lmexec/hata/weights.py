@@ -30,9 +30,14 @@ SHIPPED = {("smollm2", 128): "smollm2-128.safetensors"}
 
 
 def default_weights(model: str, bits: int) -> Path | None:
-    """The shipped weights file for ``model`` at ``bits``, or None when there is none."""
-    name = SHIPPED.get((model, bits))
-    return DATA_DIR / name if name and (DATA_DIR / name).is_file() else None
+    """The shipped weights file for ``model`` (a name like ``smollm2``, or a model folder whose name
+    holds one, e.g. our converted copy) at ``bits``, or None when there is none."""
+    folder = Path(str(model)).name.lower()
+    for name, file_bits in SHIPPED:
+        if file_bits == bits and (folder == name or name in folder):
+            path = DATA_DIR / SHIPPED[(name, file_bits)]
+            return path if path.is_file() else None
+    return None
 
 
 def model_signature(config: Any) -> str:
@@ -136,7 +141,7 @@ def load_hash_weights(
     if bits is not None and metadata.get("bits") != str(check_bits(bits)):
         raise UserError(
             f"hash weights {path} hold {metadata.get('bits')}-bit codes, but {bits} bits were asked for: "
-            "pass the file's bit width (--bits)"
+            "ask for the file's bit width (bits=, on the command line --bits)"
         )
     for key, value in expected.items():
         if metadata.get(key) != str(value):

@@ -24,13 +24,12 @@ from lmexec.hata.codes import check_bits
 from lmexec.hata.hf.attention import register
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.selection import METHODS, Hata, SelectionMethod, SimHash
+from lmexec.hata.weights import default_weights
 
 DEFAULT_BITS = 128  # the paper's code width, and the shipped weights'
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 """``config.model_type`` values whose attention layers follow the q/k/v -> RoPE -> cache -> interface path."""
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,11 @@ def config_shape(config: Any) -> ModelShape:
             f"model family {family!r} is not supported by the HATA integration; supported: "
             f"{', '.join(SUPPORTED_FAMILIES)} (Llama-architecture models such as SmolLM2, Mistral, Qwen2)"
         )
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        # Mistral's window is on whenever sliding_window is set; Qwen2's only with use_sliding_window
         raise UserError(
-            f"{family} with a sliding attention window is not supported; disable use_sliding_window"
+            f"{family} with a sliding attention window is not supported (the selection would pick keys the "
+            "window hides); set sliding_window=None (Qwen2: use_sliding_window=False)"
         )
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
@@ -69,13 +70,7 @@ def default_weights_file(model: Any, bits: int | None = None) -> Path | None:
     """The learned projections shipped for this model (``hata/data/<name>-<bits>.safetensors``, ``bits``
     default 128), if any."""
     bits = DEFAULT_BITS if bits is None else bits
-    name = Path(str(getattr(model.config, "name_or_path", "") or "")).name.lower()
-    for candidate in (name, "smollm2" if "smollm2" in name else ""):
-        if candidate:
-            path = DATA_DIR / f"{candidate}-{bits}.safetensors"
-            if path.is_file():
-                return path
-    return None
+    return default_weights(str(getattr(model.config, "name_or_path", "") or ""), bits)
 
 
 def make_method(
@@ -109,8 +104,8 @@ def make_method(
         weights = default_weights_file(model, bits) if model is not None else None
         if weights is None:
             raise UserError(
-                "method 'hata' needs learned hash weights: pass weights=FILE (from `lmexec hata train`) "
-                "or use method='simhash'"
+                "method 'hata' needs learned hash weights: pass weights=FILE (on the command line "
+                "--hata-weights FILE; files come from `lmexec hata train`) or use method simhash"
             )
     if isinstance(weights, str | Path):
         from lmexec.hata.weights import load_for_model, load_hash_weights

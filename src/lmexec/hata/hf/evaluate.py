@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmexec.errors import UserError, check_seed
+from lmexec.errors import UserError, check_distinct, check_seed
 from lmexec.hata.budget import Budget
 from lmexec.hata.hf.cache import HataCache, HataSettings
 from lmexec.hata.hf.tasks import DEFAULT_DEPTHS, TASKS, Sample, is_correct, make_samples
@@ -57,6 +57,9 @@ class EvalConfig:
         for flag, values in (("--task", self.tasks), ("--methods", self.methods), ("--depths", self.depths)):
             if not values:
                 raise UserError(f"{flag} needs at least one value")
+        for flag, values in (("--task", self.tasks), ("--methods", self.methods), ("--depths", self.depths),
+                             ("--contexts", self.contexts), ("--budgets", self.budgets)):  # fmt: skip
+            check_distinct(flag, values)
         if self.bits is not None:
             check_bits(self.bits)
         check_seed(self.seed)

@@ -42,7 +42,7 @@ def top_k_indices(scores: torch.Tensor, budget: Budget, valid: torch.Tensor | No
 
 def reduced_rank(method: str, rank: int | None, head_dim: int) -> int:
     """Channels a low-rank score reads per key: ``rank``, or ``head_dim // 4`` by default, in 1..head_dim."""
-    chosen = rank or max(1, head_dim // 4)
+    chosen = max(1, head_dim // 4) if rank is None else rank  # 0 is a mistake, not the default
     if not 1 <= chosen <= head_dim:
         raise UserError(f"{method} rank must be between 1 and head_dim={head_dim}, got {chosen}")
     return chosen

@@ -26,19 +26,25 @@ class Hata(HashSelection):
     def __post_init__(self) -> None:
         if self.weights is None:
             raise UserError(
-                "the 'hata' method needs learned hash weights (--hata-weights FILE); "
-                "they come from `lmexec hata train`"
+                "the 'hata' method needs learned hash weights (weights=, on the command line "
+                "--hata-weights FILE); they come from `lmexec hata train`"
             )
         if isinstance(self.weights, dict) and not self.weights:
             raise UserError("hash weights hold no layers: give {layer: W [n_kv_heads, head_dim, bits]}")
-        first = self.weights if isinstance(self.weights, torch.Tensor) else next(iter(self.weights.values()))
+        values = list(self.weights.values()) if isinstance(self.weights, dict) else [self.weights]
+        if not all(isinstance(w, torch.Tensor) for w in values):
+            kinds = sorted({type(w).__name__ for w in values if not isinstance(w, torch.Tensor)})
+            raise UserError(f"hash weights must be torch tensors, got {', '.join(kinds)}")
+        first = values[0]
         if first.dim() != 3:
             raise UserError(
                 f"hash projection must be [n_kv_heads, head_dim, bits], got shape {list(first.shape)}"
             )
         bits = check_bits(int(first.shape[2]))
         if self.bits and self.bits != bits:
-            raise UserError(f"hash weights have {bits} bits but {self.bits} were requested (--bits)")
+            raise UserError(
+                f"hash weights have {bits} bits but {self.bits} were requested (bits=, or --bits)"
+            )
         self.bits = bits
 
     @classmethod
