@@ -4,6 +4,7 @@ The CLI turns it into a one-line ``error: ...`` message and exit code 2; anythin
 keeps its traceback.
 """
 
+from collections import Counter
 from collections.abc import Sequence
 
 
@@ -21,6 +22,6 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
 def check_distinct(flag: str, values: Sequence[object]) -> None:
     """Refuse a list flag that names a value twice: its rows would repeat, or one row would pool the
     samples of two runs."""
-    twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+    twice = sorted(str(v) for v, count in Counter(values).items() if count > 1)
     if twice:
         raise UserError(f"{flag} lists {', '.join(twice)} more than once")

@@ -249,9 +249,8 @@ def hamming_topk_attention(
     checks.check_projection(w, h_kv, query.shape[2], words)
     if k < 0:
         raise ValueError(f"hamming_topk_attention: k must be >= 0, got {k}")
-    if (
-        k == 0 or key_codes.shape[2] == 0
-    ):  # nothing selected: the empty attention is 0, as the composition gives
+    # nothing selected (k = 0 or no keys): the empty attention is 0, as the composition gives
+    if k == 0 or key_codes.shape[2] == 0:
         return query.new_zeros(*query.shape[:2], values.shape[3])
     if backend_for(_storage(key_codes)) == "numba" and backend_for(_storage(keys)) == "numba":
         from lmexec.hata.kernels import cpu

@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import (
-    VALID_STATE,
-    SelectionMethod,
-    group_softmax_sum,
-    padding_mask,
-    reduced_rank,
-)
+from lmexec.hata.selection.base import SelectionMethod, group_softmax_sum, padding_mask, reduced_rank
 
 
 def fit_basis(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +76,7 @@ class Loki(SelectionMethod):
         grouped = query.reshape(query.shape[0], h_kv, -1, d).float()
         q_reduced = torch.einsum("bhgd,hdr->bhgr", grouped, p)
         logits = q_reduced @ cache.extras[self.name].view().float().transpose(-1, -2) / math.sqrt(d)
-        return group_softmax_sum(logits, cache.state.get(VALID_STATE))
+        return group_softmax_sum(logits, padding_mask(cache))
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
         return float(self._rank(head_dim) * element_bytes)

@@ -11,7 +11,7 @@ import torch
 
 from lmexec.hata.attention import attention_logits
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum
+from lmexec.hata.selection.base import SelectionMethod, group_softmax_sum, padding_mask
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Oracle(SelectionMethod):
     name = "oracle"
 
     def scores(self, query: torch.Tensor, cache: LayerCache, layer: int) -> torch.Tensor:
-        return group_softmax_sum(attention_logits(query, cache.keys), cache.state.get(VALID_STATE))
+        return group_softmax_sum(attention_logits(query, cache.keys), padding_mask(cache))
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
         return float(head_dim * element_bytes)

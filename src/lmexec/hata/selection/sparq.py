@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lmexec.hata.cache import LayerCache
-from lmexec.hata.selection.base import VALID_STATE, SelectionMethod, group_softmax_sum, reduced_rank
+from lmexec.hata.selection.base import SelectionMethod, group_softmax_sum, padding_mask, reduced_rank
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SparQ(SelectionMethod):
         k_r = torch.gather(keys, 3, channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1)).float()
         share = q_r.abs().sum(-1, keepdim=True) / grouped.abs().sum(-1, keepdim=True).clamp_min(1e-30)
         logits = (q_r @ k_r.transpose(-1, -2)) / torch.sqrt(d * share).clamp_min(1e-30)
-        return group_softmax_sum(logits, cache.state.get(VALID_STATE))
+        return group_softmax_sum(logits, padding_mask(cache))
 
     def selection_bytes_per_token(self, head_dim: int, element_bytes: int = 2) -> float | None:
         return float(self._rank(head_dim) * element_bytes)
